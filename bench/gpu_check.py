@@ -1,0 +1,640 @@
+"""One command for a real GPU: check the numba.cuda kernels at full size, time them, compare with peers.
+
+On the GPU machine (see shared/gpu/README.md), from the project root:
+
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \\
+        --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+    python3 bench/gpu_check.py --out $OUT/gpu
+
+Sections, each guarded so that a failure is reported and the next section still runs; results are
+written after every section (results.json, timings.csv, summary.csv in --out):
+
+  1. correctness on fresh random inputs at the target shapes, with every output buffer filled with
+     NaN before the kernels run (an element a kernel forgets to write shows up), against the NumPy
+     reference in chunked mode; plus odd shapes (nothing a multiple of a block) and float64 at small sizes;
+  2. timings with CUDA events, median of repeats after a warm-up, at the target shapes
+     (selective scan B=4 D=1536 N=16 L=1K/4K; linear attention B=2 H=16 d=64 L=1K/4K/16K);
+  3. the peers (.whl/peers.py: copy bandwidth, fla chunk_linear_attn, mambapy pscan) in a subprocess;
+  4. while time allows, a short sweep of the scan's block shapes (each checked against the default);
+  5. one table, printed last, of our figures, the peers' and the ratios against the targets.
+
+--smoke runs the same code on tiny shapes (it works under NUMBA_ENABLE_CUDASIM=1, for testing this
+script without a GPU). It should take well under 5 minutes on an H100.
+"""
+import argparse
+import csv
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+START = time.time()
+
+# Targets from the project's brief (H100 figures measured on the same kind of machine).
+TARGETS = {
+    "scan_speedup_vs_mambapy": 10.0,      # forward, B=4 D=1536 N=16 L=4096: ≥ 10x faster than pscan
+    "scan_fraction_of_copy": 0.30,        # forward effective bandwidth ≥ 30 % of device copy bandwidth
+    "scan_fwdbwd_over_fwd": 3.0,          # forward + backward ≤ 3x forward
+    "la_fwd_over_fla": 2.0,               # linear attention forward ≤ 2x fla chunk_linear_attn (fp32)
+    "la_fwdbwd_over_fla": 2.0,            # forward + backward ≤ 2x fla
+}
+FALLBACK_PEERS = {  # measured on an H100 80GB HBM3 (shared/gpu/README.md), used when peers cannot run
+    "copy_TBps": 2.97,
+    ("mambapy", 1024): 4.9, ("mambapy", 4096): 18.9,
+    ("fla_fwd", 1024): 0.36, ("fla_fwd", 4096): 0.46, ("fla_fwd", 16384): 0.60,
+    ("fla_fwdbwd", 1024): 1.56, ("fla_fwdbwd", 4096): 1.16, ("fla_fwdbwd", 16384): 1.79,
+}
+
+
+def log(*parts):
+    print(*parts, flush=True)
+
+
+def elapsed():
+    return time.time() - START
+
+
+# ----------------------------------------------------------------------------------------------
+# results, written as they come
+
+class Results:
+    def __init__(self, folder):
+        self.folder = folder
+        os.makedirs(folder, exist_ok=True)
+        self.data = {"device": None, "versions": {}, "correctness": [], "timings": [], "sweep": [],
+                     "peers": [], "summary": [], "errors": []}
+
+    def section(self, name, fn, *args, **kwargs):
+        """Run one section; report and keep going on failure; write everything afterwards."""
+        log(f"\n=== {name}  (t = {elapsed():.0f} s)")
+        try:
+            return fn(self, *args, **kwargs)
+        except Exception as error:  # a broken section must not lose the others
+            log(f"!!! {name} failed: {error!r}")
+            traceback.print_exc()
+            sys.stdout.flush()
+            self.data["errors"].append({"section": name, "error": repr(error)[:500]})
+        finally:
+            self.write()
+
+    def write(self):
+        with open(os.path.join(self.folder, "results.json"), "w") as f:
+            json.dump(self.data, f, indent=1, default=_jsonable)
+        _write_csv(os.path.join(self.folder, "timings.csv"), self.data["timings"] + self.data["sweep"])
+        _write_csv(os.path.join(self.folder, "summary.csv"), self.data["summary"])
+
+
+def _jsonable(x):
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    return str(x)
+
+
+def _write_csv(path, rows):
+    if not rows:
+        return
+    columns = []
+    for row in rows:
+        columns += [key for key in row if key not in columns]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({key: _jsonable(value) if not isinstance(value, (int, float, str)) else value
+                             for key, value in row.items()})
+
+
+# ----------------------------------------------------------------------------------------------
+# environment
+
+def versions():
+    found = {"python": platform.python_version(), "numpy": np.__version__}
+    for name in ("numba", "numba_cuda", "torch", "triton", "fla", "mambapy"):
+        try:
+            import importlib.metadata as metadata
+            found[name] = metadata.version({"numba_cuda": "numba-cuda", "fla": "fla-core"}.get(name, name))
+        except Exception:
+            found[name] = None
+    return found
+
+
+def section_environment(results):
+    from numba import cuda
+    from minilm.kernels.cuda import _device
+    ok, reason = _device.available()
+    results.data["device"] = reason
+    results.data["versions"] = versions()
+    try:
+        results.data["versions"]["cuda_driver"] = str(cuda.cudadrv.driver.driver.get_version())
+        results.data["versions"]["cuda_runtime"] = str(cuda.runtime.get_version())
+    except Exception:
+        pass
+    log("device:", reason)
+    log("versions:", json.dumps(results.data["versions"]))
+    if not ok:
+        raise RuntimeError(f"numba.cuda cannot run: {reason}")
+
+
+# ----------------------------------------------------------------------------------------------
+# inputs
+
+def scan_inputs(B, T, D, N, dtype, seed, gate=True):
+    """Mamba-like inputs: S4D-real A = -(1..N), Δ = softplus(delta + bias) with dt in [1e-3, 1e-1]."""
+    rng = np.random.default_rng(seed)
+    dt = np.exp(rng.uniform(np.log(1e-3), np.log(1e-1), D))
+    arrays = {
+        "u": rng.standard_normal((B, T, D)).astype(dtype),
+        "delta": (0.5 * rng.standard_normal((B, T, D))).astype(dtype),
+        "A": (-np.tile(np.arange(1, N + 1, dtype=np.float64), (D, 1)) * rng.uniform(0.5, 1.5, (D, N))).astype(dtype),
+        "Bm": rng.standard_normal((B, T, N)).astype(dtype),
+        "Cm": rng.standard_normal((B, T, N)).astype(dtype),
+    }
+    options = {
+        "D": rng.standard_normal(D).astype(dtype),
+        "z": rng.standard_normal((B, T, D)).astype(dtype) if gate else None,
+        "delta_bias": (dt + np.log(-np.expm1(-dt))).astype(dtype),      # inverse softplus of dt
+        "delta_softplus": True,
+        "initial_state": (0.1 * rng.standard_normal((B, D, N))).astype(dtype),
+    }
+    dout = rng.standard_normal((B, T, D)).astype(dtype)
+    return arrays, options, dout
+
+
+def la_inputs(B, H, T, Dk, Dv, dtype, seed, decay=None, state=False):
+    rng = np.random.default_rng(seed)
+    q = (rng.standard_normal((B, H, T, Dk)) / np.sqrt(Dk)).astype(dtype)
+    k = (rng.standard_normal((B, H, T, Dk)) / np.sqrt(Dk)).astype(dtype)
+    v = rng.standard_normal((B, H, T, Dv)).astype(dtype)
+    options = {"log_decay": None, "initial_state": None}
+    if decay == "step":
+        options["log_decay"] = np.log(rng.uniform(0.9, 1.0, (B, H, T))).astype(dtype)
+    elif decay == "head":
+        options["log_decay"] = np.log(rng.uniform(0.95, 1.0, H)).astype(dtype)
+    if state:
+        options["initial_state"] = rng.standard_normal((B, H, Dk, Dv)).astype(dtype)
+    do = rng.standard_normal((B, H, T, Dv)).astype(dtype)
+    return (q, k, v), options, do
+
+
+def relative_error(actual, expected):
+    actual = np.asarray(actual, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    if actual.shape != expected.shape:
+        return float("inf")
+    if not np.all(np.isfinite(actual)):
+        return float("nan")
+    return float(np.max(np.abs(actual - expected), initial=0.0) / max(np.max(np.abs(expected), initial=0.0), 1e-30))
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. correctness
+
+def _scan_reference():
+    """The NumPy reference (chunked mode): independent of every fast kernel, so a disagreement is the GPU's."""
+    from minilm.ops import selective_scan as ref
+    return "numpy", lambda *a, **k: ref.forward(*a, mode="chunked", chunk_size=256, **k), ref.backward
+
+
+def _la_reference():
+    from minilm.ops import linear_attention as ref
+    return "numpy", lambda *a, **k: ref.forward(*a, mode="chunked", chunk_size=64, **k), ref.backward
+
+
+def _record_check(results, op, shape, dtype, reference, errors, tolerance, seconds):
+    worst = max(errors.values())
+    passed = bool(np.isfinite(worst) and worst <= tolerance)
+    row = {"op": op, "shape": shape, "dtype": dtype, "reference": reference, "tolerance": tolerance,
+           "max_rel_error": worst, "passed": passed, "seconds": round(seconds, 1), "errors": errors}
+    results.data["correctness"].append(row)
+    log(f"{'PASS' if passed else 'FAIL'}  {op} {shape} {dtype} vs {reference}: max rel. error {worst:.2e} "
+        f"(tolerance {tolerance:g})  " + " ".join(f"{k}={v:.1e}" for k, v in errors.items()))
+    return passed
+
+
+def check_scan(results, B, T, D, N, dtype, tolerance, seed, reference=None, gate=True):
+    from numba import cuda
+    from minilm.kernels.cuda import _device
+    from minilm.kernels.cuda import selective_scan as gpu
+    started = time.time()
+    arrays, options, dout = scan_inputs(B, T, D, N, dtype, seed, gate)
+    name, ref_forward, ref_backward = reference or _scan_reference()
+    _device.POISON_OUTPUTS = True
+    try:
+        device = {key: cuda.to_device(value) for key, value in arrays.items()}
+        device_options = {key: (cuda.to_device(value) if isinstance(value, np.ndarray) else value)
+                          for key, value in options.items()}
+        (out, final), cache = gpu.forward(*device.values(), return_state=True, **device_options)
+        grads = gpu.backward(cuda.to_device(dout), cache)
+        out, final = out.copy_to_host(), final.copy_to_host()
+        grads = [None if g is None else g.copy_to_host() for g in grads]
+    finally:
+        _device.POISON_OUTPUTS = False
+    (out_ref, final_ref), cache_ref = ref_forward(*arrays.values(), return_state=True, **options)
+    grads_ref = ref_backward(dout, cache_ref)
+    errors = {"out": relative_error(out, out_ref), "final_state": relative_error(final, final_ref)}
+    for label, grad, grad_ref in zip(("du", "ddelta", "dA", "dBm", "dCm", "dD", "dz", "ddelta_bias"), grads, grads_ref):
+        if grad is not None or grad_ref is not None:
+            errors[label] = relative_error(grad, grad_ref) if grad is not None and grad_ref is not None else float("inf")
+    return _record_check(results, "selective_scan", f"B={B} T={T} D={D} N={N}", np.dtype(dtype).name, name,
+                         errors, tolerance, time.time() - started)
+
+
+def check_la(results, B, H, T, Dk, Dv, dtype, tolerance, seed, feature_map="identity", decay=None, state=False,
+             scale=None, reference=None):
+    from numba import cuda
+    from minilm.kernels.cuda import _device
+    from minilm.kernels.cuda import linear_attention as gpu
+    started = time.time()
+    (q, k, v), options, do = la_inputs(B, H, T, Dk, Dv, dtype, seed, decay, state)
+    name, ref_forward, ref_backward = reference or _la_reference()
+    kwargs = dict(feature_map=feature_map, scale=scale, return_state=True)
+    _device.POISON_OUTPUTS = True
+    try:
+        device_options = {key: (None if value is None else cuda.to_device(value)) for key, value in options.items()}
+        (out, final), cache = gpu.forward(*(cuda.to_device(x) for x in (q, k, v)), **kwargs, **device_options)
+        grads = [g.copy_to_host() for g in gpu.backward(cuda.to_device(do), cache)]
+        out, final = out.copy_to_host(), final.copy_to_host()
+    finally:
+        _device.POISON_OUTPUTS = False
+    (out_ref, final_ref), cache_ref = ref_forward(q, k, v, **kwargs, **options)
+    grads_ref = ref_backward(do, cache_ref)
+    errors = {"out": relative_error(out, out_ref), "final_state": relative_error(final, final_ref)}
+    for label, grad, grad_ref in zip(("dq", "dk", "dv", "dlog_decay"), grads, grads_ref):
+        errors[label] = relative_error(grad, grad_ref)
+    if len(grads) != len(grads_ref):
+        errors["n_grads"] = float("inf")
+    shape = f"B={B} H={H} T={T} Dk={Dk} Dv={Dv} {feature_map}" + (f" decay={decay}" if decay else "") + \
+        (" h0" if state else "")
+    return _record_check(results, "linear_attention", shape, np.dtype(dtype).name, name, errors, tolerance,
+                         time.time() - started)
+
+
+def section_correctness(results, smoke):
+    from minilm.ops import linear_attention as la_ref
+    from minilm.ops import selective_scan as scan_ref
+    numpy_scan = ("numpy", lambda *a, **k: scan_ref.forward(*a, mode="chunked", chunk_size=16, **k), scan_ref.backward)
+    numpy_la = ("numpy", lambda *a, **k: la_ref.forward(*a, mode="chunked", chunk_size=16, **k), la_ref.backward)
+    if smoke:
+        check_scan(results, 1, 9, 3, 3, np.float32, 1e-4, 1)
+        check_la(results, 1, 2, 11, 5, 6, np.float32, 1e-4, 2, decay="step", state=True)
+        check_scan(results, 1, 5, 2, 2, np.float64, 1e-10, 3, reference=numpy_scan)
+        check_la(results, 1, 1, 9, 3, 4, np.float64, 1e-10, 4, feature_map="elu1", decay="head", reference=numpy_la)
+        return
+    # the target shapes (float32; long sequences accumulate rounding, hence 1e-4)
+    check_scan(results, 4, 4096, 1536, 16, np.float32, 1e-4, 10)
+    check_la(results, 2, 16, 16384, 64, 64, np.float32, 1e-4, 11)
+    # odd shapes: nothing a multiple of a block, several state groups, several value tiles
+    check_scan(results, 2, 1000, 100, 37, np.float32, 1e-4, 12)
+    check_la(results, 1, 3, 2000, 40, 72, np.float32, 1e-4, 13, feature_map="elu1", decay="step", state=True,
+             scale=0.125)
+    check_la(results, 2, 2, 700, 64, 64, np.float32, 1e-4, 14, feature_map="relu", decay="head")
+    # float64 against the NumPy reference at small sizes
+    check_scan(results, 2, 150, 20, 5, np.float64, 1e-10, 15, reference=numpy_scan)
+    check_la(results, 1, 2, 150, 16, 24, np.float64, 1e-10, 16, feature_map="elu1", decay="step", state=True,
+             reference=numpy_la)
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. timings
+
+QUICK = False   # --smoke: one warm-up and one repeat (the simulator is slow)
+
+
+def time_gpu(fn, warmup=2, repeats=10):
+    """Median, 20th and 80th percentile in ms of fn() measured with CUDA events (after warm-up)."""
+    from numba import cuda
+    if QUICK:
+        warmup, repeats = 1, 1
+    for _ in range(warmup):
+        fn()
+    cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = cuda.event(), cuda.event()
+        wall = time.perf_counter()
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        wall = 1e3 * (time.perf_counter() - wall)
+        times.append(_event_ms(start, end, wall))
+    times.sort()
+    return {"ms": statistics.median(times), "p20_ms": times[int(0.2 * (len(times) - 1))],
+            "p80_ms": times[int(0.8 * (len(times) - 1))], "repeats": len(times)}
+
+
+def _event_ms(start, end, fallback):
+    """Milliseconds between two recorded CUDA events (the wall time where events cannot tell)."""
+    from numba import cuda
+    for elapsed_time in (lambda: start.elapsed_time(end), lambda: cuda.event_elapsed_time(start, end)):
+        try:
+            value = float(elapsed_time())
+            if value > 0:
+                return value
+        except Exception:
+            continue
+    return fallback
+
+
+def _record_timing(results, table, **row):
+    results.data[table].append(row)
+    extras = "  ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
+                       if k not in ("op", "shape", "ms"))
+    log(f"{row['op']:<28} {row['shape']:<28} {row['ms']:9.3f} ms   {extras}")
+
+
+def scan_device_inputs(B, T, D, N, seed):
+    from numba import cuda
+    arrays, options, dout = scan_inputs(B, T, D, N, np.float32, seed)
+    device = {key: cuda.to_device(value) for key, value in arrays.items()}
+    # the work of the peer (mambapy): Δ given, y = C·h + x (D = 1), no gate, no softplus
+    plain = {"D": cuda.to_device(np.ones(D, np.float32))}
+    full = {key: (cuda.to_device(value) if isinstance(value, np.ndarray) else value)
+            for key, value in options.items() if key != "initial_state"}
+    return device, plain, full, cuda.to_device(dout)
+
+
+def scan_bytes(B, T, D, N, gated):
+    """Bytes the forward must move at least: u, delta, out (and z) in float32, plus Bm and Cm."""
+    return 4 * (B * T * D * (4 if gated else 3) + 2 * B * T * N)
+
+
+def section_timings(results, smoke):
+    from minilm.kernels.cuda import linear_attention as la
+    from minilm.kernels.cuda import selective_scan as scan
+    shapes = [(1, 64, 16, 4)] if smoke else [(4, 1024, 1536, 16), (4, 4096, 1536, 16)]
+    for B, T, D, N in shapes:
+        device, plain, full, dout = scan_device_inputs(B, T, D, N, 20)
+        shape = f"B={B} T={T} D={D} N={N}"
+        for label, options in (("", plain), (" +z,bias,softplus", full)):
+            forward = lambda: scan.forward(*device.values(), **options)           # noqa: E731
+            both = lambda: scan.backward(dout, forward()[1])                       # noqa: E731
+            t_fwd = time_gpu(forward)
+            gb = scan_bytes(B, T, D, N, "z" in options) / 1e9
+            _record_timing(results, "timings", op="scan fwd" + label, shape=shape, L=T, **t_fwd,
+                           GBps=gb / (t_fwd["ms"] / 1e3))
+            t_both = time_gpu(both, warmup=1, repeats=5)
+            _record_timing(results, "timings", op="scan fwd+bwd" + label, shape=shape, L=T, **t_both,
+                           ratio_to_fwd=t_both["ms"] / t_fwd["ms"])
+        del device, plain, full, dout
+    for T in ([64] if smoke else [1024, 4096, 16384]):
+        B, H, Dk = (1, 2, 8) if smoke else (2, 16, 64)
+        from numba import cuda
+        (q, k, v), _, do = la_inputs(B, H, T, Dk, Dk, np.float32, 21)
+        q, k, v, do = (cuda.to_device(x) for x in (q, k, v, do))
+        forward = lambda: la.forward(q, k, v)                                      # noqa: E731
+        both = lambda: la.backward(do, forward()[1])                               # noqa: E731
+        shape = f"B={B} H={H} T={T} d={Dk}"
+        t_fwd = time_gpu(forward)
+        flops = 2 * B * H * (T // 64 + 1) * (4 * 64 ** 3)     # QKᵀ, AV, QS, KᵀV per 64-chunk (no causal skip)
+        _record_timing(results, "timings", op="linear_attn fwd", shape=shape, L=T, **t_fwd,
+                       TFLOPs=flops / (t_fwd["ms"] / 1e3) / 1e12)
+        t_both = time_gpu(both, warmup=1, repeats=5)
+        _record_timing(results, "timings", op="linear_attn fwd+bwd", shape=shape, L=T, **t_both,
+                       ratio_to_fwd=t_both["ms"] / t_fwd["ms"])
+
+
+SWEEP_UNTIL_S = 210   # the sweep starts no new block shape after this many seconds of the run
+SWEEP = [  # scan block shapes to compare (chunk = segments x steps must agree between fwd and bwd)
+    dict(),
+    dict(fwd_segments=4, fwd_steps=16, fwd_min_blocks=0, bwd_min_blocks=2),
+    dict(fwd_segments=4, fwd_steps=16, fwd_min_blocks=3, bwd_segments=4, bwd_steps=16, bwd_min_blocks=2),
+]
+LA_SWEEP = [(64, 4), (64, 8), (32, 4)]   # linear attention (tile = chunk, register tile)
+
+
+def section_sweep(results, smoke):
+    from minilm.kernels.cuda import selective_scan as scan
+    B, T, D, N = (1, 64, 16, 4) if smoke else (4, 4096, 1536, 16)
+    device, plain, _, dout = scan_device_inputs(B, T, D, N, 22)
+    default = scan.CONFIGS["float32"]
+    reference = None
+    try:
+        for changes in SWEEP:
+            if elapsed() > SWEEP_UNTIL_S and not smoke:
+                log("(sweep stopped: time budget)")
+                break
+            try:
+                scan.set_config("float32", **changes)
+                config = scan.CONFIGS["float32"]
+                out = scan.forward(*device.values(), **plain)[0].copy_to_host()
+                if reference is None:
+                    reference = out
+                error = relative_error(out, reference)
+                t_fwd = time_gpu(lambda: scan.forward(*device.values(), **plain), warmup=1, repeats=7)
+                t_both = time_gpu(lambda: scan.backward(dout, scan.forward(*device.values(), **plain)[1]),
+                                  warmup=1, repeats=3)
+                _record_timing(results, "sweep", op="scan sweep fwd", shape=str(config)[10:], L=T, **t_fwd,
+                               fwdbwd_ms=t_both["ms"], rel_error_vs_default=error)
+            except Exception as error:
+                log(f"!!! sweep {changes} failed: {error!r}")
+                results.data["errors"].append({"section": f"sweep {changes}", "error": repr(error)[:300]})
+            finally:
+                scan.CONFIGS["float32"] = default
+    finally:
+        scan.CONFIGS["float32"] = default
+
+
+def section_la_sweep(results, smoke):
+    from numba import cuda
+    from minilm.kernels.cuda import linear_attention as la
+    B, H, T, d = (1, 2, 64, 8) if smoke else (2, 16, 16384, 64)
+    (q, k, v), _, do = la_inputs(B, H, T, d, d, np.float32, 23)
+    q, k, v, do = (cuda.to_device(x) for x in (q, k, v, do))
+    default = la.TILES["float32"], la.REGS["float32"]
+    reference = None
+    try:
+        for tile, reg in (LA_SWEEP if not smoke else [(8, 4), (8, 2)]):
+            if elapsed() > SWEEP_UNTIL_S + 30 and not smoke:
+                log("(sweep stopped: time budget)")
+                break
+            try:
+                la.set_tile("float32", tile, reg)
+                out = la.forward(q, k, v)[0].copy_to_host()
+                if reference is None:
+                    reference = out
+                error = relative_error(out, reference)
+                t_fwd = time_gpu(lambda: la.forward(q, k, v), warmup=1, repeats=7)
+                t_both = time_gpu(lambda: la.backward(do, la.forward(q, k, v)[1]), warmup=1, repeats=3)
+                _record_timing(results, "sweep", op="linear_attn sweep fwd", shape=f"tile={tile} reg={reg}", L=T,
+                               **t_fwd, fwdbwd_ms=t_both["ms"], rel_error_vs_default=error)
+            except Exception as error:
+                log(f"!!! sweep tile={tile} reg={reg} failed: {error!r}")
+                results.data["errors"].append({"section": f"sweep tile={tile} reg={reg}", "error": repr(error)[:300]})
+            finally:
+                la.set_tile("float32", *default)
+    finally:
+        la.set_tile("float32", *default)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. peers and the summary
+
+def section_peers(results, smoke, timeout):
+    script = os.path.join(ROOT, ".whl", "peers.py")
+    if smoke or not os.path.exists(script):
+        log(f"(peers skipped: {'smoke run' if smoke else script + ' not found'}; using the recorded H100 figures)")
+        return
+    command = [sys.executable, script, "--what", "ceiling,fla,mambapy", "--L", "1024,4096,16384"]
+    log("running:", " ".join(command))
+    try:
+        completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+        stdout, stderr = completed.stdout, completed.stderr
+    except subprocess.TimeoutExpired as expired:
+        stdout = expired.stdout.decode() if isinstance(expired.stdout, bytes) else (expired.stdout or "")
+        stderr = "timeout"
+        results.data["errors"].append({"section": "peers", "error": f"timed out after {timeout} s"})
+    for line in stdout.splitlines():
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            results.data["peers"].append(record)
+            log("peer:", line)
+    if stderr and stderr != "timeout":
+        log("peers stderr (last lines):", "\n".join(stderr.strip().splitlines()[-5:]))
+
+
+def _peer_figures(results):
+    figures = dict(FALLBACK_PEERS)
+    measured = set()
+    for record in results.data["peers"]:
+        peer = record.get("peer")
+        if peer == "copy" and "TBps" in record:
+            figures["copy_TBps"] = record["TBps"]
+            measured.add("copy_TBps")
+        elif peer == "mambapy_pscan" and "fwd_ms" in record:
+            figures[("mambapy", record["L"])] = record["fwd_ms"]
+            measured.add(("mambapy", record["L"]))
+        elif peer == "fla_chunk_linear_attn" and "fwd_ms" in record:
+            figures[("fla_fwd", record["L"])] = record["fwd_ms"]
+            figures[("fla_fwdbwd", record["L"])] = record["fwdbwd_ms"]
+            measured.update({("fla_fwd", record["L"]), ("fla_fwdbwd", record["L"])})
+    return figures, measured
+
+
+def _ours(results, op, L):
+    for row in results.data["timings"]:
+        if row["op"] == op and row["L"] == L:
+            return row
+    return None
+
+
+def section_summary(results):
+    figures, measured = _peer_figures(results)
+    rows = []
+
+    def add(what, ours, peer, ratio, target, better, source):
+        met = None
+        if ratio is not None and target is not None:
+            met = ratio >= target if better == "higher" else ratio <= target
+        rows.append({"what": what, "ours": ours, "peer": peer, "ratio": ratio,
+                     "target": (">= " if better == "higher" else "<= ") + f"{target:g}" if target else "",
+                     "met": met, "peer_source": source})
+
+    for L in (1024, 4096):
+        fwd = _ours(results, "scan fwd", L)
+        peer = figures.get(("mambapy", L))
+        source = "measured" if ("mambapy", L) in measured else "recorded H100"
+        if fwd:
+            add(f"scan fwd L={L}: speed-up vs mambapy pscan (ms)", fwd["ms"], peer,
+                peer / fwd["ms"] if peer else None, TARGETS["scan_speedup_vs_mambapy"] if L == 4096 else None,
+                "higher", source)
+    fwd = _ours(results, "scan fwd", 4096)
+    if fwd:
+        copy = figures["copy_TBps"]
+        tbps = fwd["GBps"] / 1e3
+        add("scan fwd L=4096: bandwidth, fraction of copy (TB/s)", tbps, copy, tbps / copy,
+            TARGETS["scan_fraction_of_copy"], "higher", "measured" if "copy_TBps" in measured else "recorded H100")
+        both = _ours(results, "scan fwd+bwd", 4096)
+        if both:
+            add("scan L=4096: fwd+bwd / fwd (ms)", both["ms"], fwd["ms"], both["ms"] / fwd["ms"],
+                TARGETS["scan_fwdbwd_over_fwd"], "lower", "ours")
+    for L in (1024, 4096, 16384):
+        source = "measured" if ("fla_fwd", L) in measured else "recorded H100"
+        target_fwd = TARGETS["la_fwd_over_fla"] if L == 16384 else None
+        target_both = TARGETS["la_fwdbwd_over_fla"] if L == 16384 else None
+        fwd = _ours(results, "linear_attn fwd", L)
+        if fwd:
+            peer = figures.get(("fla_fwd", L))
+            add(f"linear attn fwd L={L}: ours / fla (ms)", fwd["ms"], peer, fwd["ms"] / peer if peer else None,
+                target_fwd, "lower", source)
+        both = _ours(results, "linear_attn fwd+bwd", L)
+        if both:
+            peer = figures.get(("fla_fwdbwd", L))
+            add(f"linear attn fwd+bwd L={L}: ours / fla (ms)", both["ms"], peer,
+                both["ms"] / peer if peer else None, target_both, "lower", source)
+    results.data["summary"] = rows
+
+    checks = results.data["correctness"]
+    log("\n" + "=" * 110)
+    log(f"device: {results.data['device']}")
+    log("versions: " + ", ".join(f"{k} {v}" for k, v in results.data["versions"].items() if v))
+    log(f"correctness: {sum(c['passed'] for c in checks)}/{len(checks)} checks passed" +
+        "".join(f"\n  FAIL {c['op']} {c['shape']} {c['dtype']}: {c['max_rel_error']:.2e}" for c in checks
+                if not c["passed"]))
+    log(f"{'what':<56}{'ours':>10}{'peer':>10}{'ratio':>9}  {'target':<9}{'met':<6}peer figure")
+    for row in rows:
+        def cell(x):
+            return f"{x:10.3f}" if isinstance(x, float) else f"{'-':>10}"
+        ratio = f"{row['ratio']:9.2f}" if row["ratio"] is not None else f"{'-':>9}"
+        met = {True: "yes", False: "NO", None: ""}[row["met"]]
+        log(f"{row['what']:<56}{cell(row['ours'])}{cell(row['peer'])}{ratio}  {row['target']:<9}{met:<6}"
+            f"{row['peer_source']}")
+    if results.data["errors"]:
+        log(f"sections with errors: {[e['section'] for e in results.data['errors']]}")
+    log(f"total time {elapsed():.0f} s; results in {results.folder}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default=os.path.join("results", "gpu"), help="results folder")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes (works under the CUDA simulator)")
+    parser.add_argument("--no-sweep", action="store_true", help="skip the block-shape sweep")
+    parser.add_argument("--no-peers", action="store_true", help="skip running .whl/peers.py")
+    parser.add_argument("--peers-timeout", type=int, default=150)
+    args = parser.parse_args()
+
+    if args.smoke:
+        global QUICK
+        QUICK = True
+        from minilm.kernels.cuda import linear_attention as la
+        from minilm.kernels.cuda import selective_scan as scan
+        for dtype in ("float32", "float64"):
+            scan.set_config(dtype, channels=2, state_threads=2, states_per_thread=2, fwd_segments=2, fwd_steps=4,
+                            bwd_segments=2, bwd_steps=4)
+            la.set_tile(dtype, 8)
+        SWEEP[1:] = [dict(fwd_segments=4, fwd_steps=2)]
+
+    results = Results(args.out)
+    results.section("environment", section_environment)
+    results.section("correctness", section_correctness, args.smoke)
+    results.section("timings", section_timings, args.smoke)
+    if not args.no_peers:
+        results.section("peers", section_peers, args.smoke, args.peers_timeout)
+    if not args.no_sweep:
+        results.section("scan block-shape sweep", section_sweep, args.smoke)
+        results.section("linear attention tile sweep", section_la_sweep, args.smoke)
+    results.section("summary", section_summary)
+    ok = all(c["passed"] for c in results.data["correctness"]) and not results.data["errors"]
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()

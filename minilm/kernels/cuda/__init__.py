@@ -1,0 +1,15 @@
+"""numba.cuda kernels behind backend="cuda": same signatures as the ops they speed up.
+
+    selective_scan      forward / backward of Mamba's selective scan (two-level chunked scan)
+    linear_attention    forward / backward of chunked causal linear attention (tiles per chunk)
+    _device             available(), and moving NumPy / Numba / CuPy / PyTorch arrays in and out
+
+Each kernel module exposes available() -> (ok, reason), supports(**options) -> (ok, reason),
+forward(...) -> (out, cache) with cache["backend"] == "cuda", and backward(dout, cache). They run on
+a GPU, or on the CPU under Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1, set before numba is
+imported), which the tests in tests/cuda use. Importing this package never fails: without numba.cuda,
+available() says why.
+"""
+from minilm.kernels.cuda._device import available
+
+__all__ = ["available"]

@@ -1,0 +1,168 @@
+"""What the CUDA kernels share: is a device here, and moving arrays in and out without copies.
+
+Arrays come in three kinds and go back out in the kind they came in:
+
+    "numpy"    a numpy.ndarray: copied to the device, results copied back to NumPy
+    "device"   anything with __cuda_array_interface__ (a Numba device array, a CuPy array, a
+               PyTorch CUDA tensor): wrapped in place with cuda.as_cuda_array, no copy
+    "torch" / "cupy" are "device" arrays whose results are wrapped back into that library's type
+               (torch.as_tensor(..., device="cuda"), cupy.asarray), again without a copy
+
+Under NUMBA_ENABLE_CUDASIM=1 Numba's CUDA simulator runs the same kernels on the CPU, one Python
+thread per CUDA thread: slow, but it checks the kernels where no GPU exists. It counts as available.
+"""
+import os
+
+import numpy as np
+
+try:  # numba.cuda is the numba-cuda package (or Numba's own deprecated copy of it)
+    from numba import cuda
+    _IMPORT_ERROR = None
+except Exception as error:  # pragma: no cover - depends on the installation
+    cuda = None
+    _IMPORT_ERROR = error
+
+# Fill every output buffer with NaN before a kernel runs, so that an element the kernel forgets to
+# write shows up in a comparison. Off by default (it costs a pass over memory); bench/gpu_check.py
+# turns it on.
+POISON_OUTPUTS = False
+
+
+def simulator_enabled():
+    """True when Numba's CUDA simulator stands in for a GPU (NUMBA_ENABLE_CUDASIM=1)."""
+    try:
+        from numba import config
+        if getattr(config, "ENABLE_CUDASIM", 0):
+            return True
+    except Exception:  # pragma: no cover
+        pass
+    return os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0")
+
+
+def available():
+    """(ok, reason): whether numba.cuda kernels can run here, and if not, why not."""
+    if cuda is None:
+        return False, f"numba.cuda cannot be imported (install numba-cuda): {_IMPORT_ERROR!r}"
+    if simulator_enabled():
+        return True, "Numba CUDA simulator (NUMBA_ENABLE_CUDASIM=1): correct results, CPU speed"
+    try:
+        if not cuda.is_available():
+            error = None
+            try:
+                error = cuda.cuda_error()
+            except Exception:  # pragma: no cover - older/newer numba-cuda
+                pass
+            detail = " ".join(str(error).split()) if error else "no GPU or no driver found"
+            return False, f"no usable CUDA device ({detail})"
+        device = cuda.get_current_device()
+        name = device.name.decode() if isinstance(device.name, bytes) else str(device.name)
+        return True, f"{name} (compute capability {device.compute_capability[0]}.{device.compute_capability[1]})"
+    except Exception as error:  # driver present but broken
+        return False, f"CUDA driver error: {error!r}"
+
+
+def device_name():
+    """A short description of the device the kernels run on (for benchmark headers)."""
+    ok, reason = available()
+    return reason if ok else f"unavailable: {reason}"
+
+
+# ----------------------------------------------------------------------------------------------
+# array kinds in and out
+
+def array_kind(x):
+    """'numpy', 'torch', 'cupy' or 'device' (any other __cuda_array_interface__ object)."""
+    if isinstance(x, np.ndarray):
+        return "numpy"
+    module = type(x).__module__.split(".")[0]
+    if module == "torch":
+        return "torch"
+    if module == "cupy":
+        return "cupy"
+    if hasattr(x, "__cuda_array_interface__") or _is_simulated_device_array(x):
+        return "device"
+    raise TypeError(f"expected a numpy.ndarray or a CUDA array (__cuda_array_interface__), got {type(x).__name__}")
+
+
+def _is_simulated_device_array(x):
+    """The simulator's device arrays have no __cuda_array_interface__; recognise them by type."""
+    return simulator_enabled() and type(x).__name__ == "FakeCUDAArray"
+
+
+def to_device(name, x):
+    """A Numba device array viewing x (no copy for device arrays; one host-to-device copy for NumPy).
+
+    Device arrays must be C-contiguous: the kernels index them as dense row-major arrays.
+    """
+    if x is None:
+        return None
+    kind = array_kind(x)
+    if kind == "numpy":
+        if x.dtype not in (np.float32, np.float64):
+            raise TypeError(f"{name} must have dtype float32 or float64, got {x.dtype}")
+        return cuda.to_device(np.ascontiguousarray(x))
+    array = x if _is_simulated_device_array(x) else cuda.as_cuda_array(x)
+    if array.dtype not in (np.float32, np.float64):
+        raise TypeError(f"{name} must have dtype float32 or float64, got {array.dtype}")
+    if not array.is_c_contiguous():
+        raise ValueError(f"{name} must be C-contiguous on the device (call .contiguous() / ascontiguousarray)")
+    return array
+
+
+def from_device(array, kind):
+    """Return a device result in the caller's kind (see the module docstring)."""
+    if array is None:
+        return None
+    if kind == "numpy":
+        return array.copy_to_host()
+    if kind == "torch":
+        import torch
+        return torch.as_tensor(array, device="cuda")
+    if kind == "cupy":
+        import cupy
+        return cupy.asarray(array)
+    return array
+
+
+def empty(shape, dtype):
+    """An uninitialised device array, filled with NaN when POISON_OUTPUTS is set."""
+    array = cuda.device_array(shape, dtype=dtype)
+    if POISON_OUTPUTS:
+        fill(array, np.nan)
+    return array
+
+
+def zeros(shape, dtype):
+    """A device array of zeros (accumulation buffers: atomics add into them)."""
+    array = cuda.device_array(shape, dtype=dtype)
+    fill(array, 0.0)
+    return array
+
+
+def placeholder(dtype):
+    """A one-element device array standing in for an optional input that is None."""
+    return zeros((1,), dtype)
+
+
+_FILL_THREADS = 256
+
+if cuda is not None:
+    @cuda.jit
+    def _fill_kernel(flat, value):
+        i = cuda.grid(1)
+        if i < flat.shape[0]:
+            flat[i] = value
+
+
+def fill(array, value):
+    """Set every element of a contiguous device array to value."""
+    size = int(np.prod(array.shape))
+    if size == 0:
+        return
+    flat = array.reshape(size)
+    _fill_kernel[(size + _FILL_THREADS - 1) // _FILL_THREADS, _FILL_THREADS](flat, flat.dtype.type(value))
+
+
+def synchronize():
+    """Wait for every queued kernel (for timing)."""
+    cuda.synchronize()

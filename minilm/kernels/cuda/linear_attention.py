@@ -1,0 +1,733 @@
+"""Chunked causal linear attention on a GPU: numba.cuda kernels for the forward and the backward.
+
+Shapes: B batch, H heads, T time, Dk query/key dim, Dv value dim; C the chunk length (= TILE).
+
+    q, k: (B, H, T, Dk)     v, out: (B, H, T, Dv)     log_decay g: None, (H,) or (B, H, T), g <= 0
+    state S: (B, H, Dk, Dv)
+
+The function is the NumPy reference's (minilm.ops.linear_attention) for normalize=False, causal=True:
+
+    S_t   = exp(g_t) S_{t-1} + φ(k_t)ᵀ v_t        S_{-1} = initial_state (zeros by default)
+    out_t = scale · φ(q_t)ᵀ S_t                   φ ∈ identity | elu1 | relu
+
+Chunked form. Cut time into chunks of C steps; inside chunk c write Γ_t = Σ_{r ≤ t, r in c} g_r for the
+decay accumulated since the chunk began, Γ_end for its value at the chunk's last step, and S_c for
+the state entering the chunk. Then, for t in chunk c,
+
+    out_t   = scale · ( exp(Γ_t) φ(q_t) S_c  +  Σ_{s ≤ t in c} exp(Γ_t − Γ_s) (φ(q_t)·φ(k_s)) v_s )    output_kernel
+    S_{c+1} = exp(Γ_end) S_c + ΔS_c,     ΔS_c = Σ_{s in c} exp(Γ_end − Γ_s) φ(k_s)ᵀ v_s               outer_kernel
+                                                                                   (scan: chunk_scan_kernel)
+
+Backward, with dO = dL/dout and G_c = dL/dS_{c+1}, the gradient of the state leaving chunk c:
+
+    G_c     = exp(Γ_end,c+1) G_{c+1} + ΔG_{c+1},  ΔG_c = scale Σ_{t in c} exp(Γ_t) φ(q_t)ᵀ dO_t,  G_last = 0
+    dP_ts   = scale · exp(Γ_t − Γ_s) (dO_t · v_s)  for s ≤ t  (0 above the diagonal)
+    A_ts    = scale · exp(Γ_t − Γ_s) (φ(q_t) · φ(k_s)) for s ≤ t
+    dφ(q_t) = Σ_s dP_ts φ(k_s)  +  scale exp(Γ_t) S_c dO_t                                            dq_kernel
+    dφ(k_s) = Σ_t dP_ts φ(q_t)  +  exp(Γ_end − Γ_s) G_c v_s                                           dk_kernel
+    dv_s    = Σ_t A_ts dO_t     +  exp(Γ_end − Γ_s) G_cᵀ φ(k_s)                                       dv_kernel
+    dq = dφ(q) ⊙ φ'(q),  dk = dφ(k) ⊙ φ'(k)
+    dlog_decay: ∂L/∂b_t = φ(q_t)·dφ(q_t) − φ(k_t)·dφ(k_t) with b the running sum of g over the whole
+                sequence, and ∂L/∂g_r = Σ_{t ≥ r} ∂L/∂b_t                                            decay_grad_kernel
+
+Kernels (built by _make_kernels for each dtype and tile size; C = TILE): one block per
+(batch·head, chunk, output tile) for the work inside a chunk (outer_kernel, output_kernel,
+dq_kernel, dk_kernel, dv_kernel), with C × TILE operand tiles in shared memory and each thread
+accumulating a REG × REG register tile of the product (_tile_mma); chunk states by a scan over
+chunks (chunk_scan_kernel), one thread per state entry, in place. The states entering every chunk,
+(B, H, n_chunks, Dk, Dv), are kept in the cache for the backward (the backward's G_c are built the
+same way); no T × T matrix and no per-token state is ever formed. The math is in the input dtype
+(float32: the speed path), with no fast-math flags. Gradients do not flow into initial_state or out
+of the final state.
+
+Not supported here (supports() says so and the op falls back to NumPy): causal=False,
+normalize=True, feature_map="taylor2".
+
+Public API (inputs already validated by minilm.ops.linear_attention; NumPy arrays or CUDA arrays):
+    available() -> (ok, reason); supports(**options) -> (ok, reason)
+    forward(q, k, v, causal=True, chunk_size=64, feature_map="identity", scale=None, normalize=False,
+            log_decay=None, initial_state=None, return_state=False) -> (out, cache)
+    backward(do, cache) -> (dq, dk, dv) or (dq, dk, dv, dlog_decay)
+"""
+import math
+
+import numpy as np
+
+from minilm.kernels.cuda import _device
+from minilm.kernels.cuda._device import cuda
+
+try:
+    from numba import uint32 as _u32
+except Exception:  # pragma: no cover - numba missing: available() says so
+    _u32 = None
+
+FEATURE_MAPS = {"identity": 0, "elu1": 1, "relu": 2}
+DECAY_NONE, DECAY_PER_HEAD, DECAY_PER_STEP = 0, 1, 2
+
+# Tile edge = chunk length, per dtype (float64 tiles take twice the shared memory), and the edge of
+# the register tile each thread accumulates (REG × REG outputs): a block has (TILE / REG)^2 threads.
+TILES = {"float32": 64, "float64": 32}
+REGS = {"float32": 4, "float64": 4}
+SCAN_THREADS = 256     # threads per block of the chunk scan and of the decay-gradient kernel
+SCAN_UNROLL = 4        # chunks whose increments the scan loads before folding them in (more loads in flight)
+
+
+def set_tile(dtype, tile, reg=None):
+    """Change the tile (= chunk length) and optionally the register tile used for `dtype`.
+
+    tile must be a multiple of 4 and of reg. Returns the previous (tile, reg).
+    """
+    reg = REGS[dtype] if reg is None else reg
+    if tile % reg or tile % 4 or tile < reg:
+        raise ValueError(f"tile must be a positive multiple of 4 and of reg={reg}, got {tile}")
+    previous = TILES[dtype], REGS[dtype]
+    TILES[dtype], REGS[dtype] = tile, reg
+    return previous
+
+
+def available():
+    """(ok, reason): whether numba.cuda can run these kernels here (a GPU, or the simulator)."""
+    return _device.available()
+
+
+def supports(causal=True, normalize=False, feature_map="identity", **options):
+    """(ok, reason) for a set of forward options."""
+    if not causal:
+        return False, "the CUDA kernels implement causal linear attention only (causal=False is NumPy-only)"
+    if normalize:
+        return False, "the CUDA kernels do not implement normalize=True (use the NumPy or Numba backend)"
+    if feature_map not in FEATURE_MAPS:
+        return False, f"the CUDA kernels support feature_map in {sorted(FEATURE_MAPS)}, got {feature_map!r}"
+    return True, ""
+
+
+# ----------------------------------------------------------------------------------------------
+# device functions
+
+if cuda is not None:
+    @cuda.jit(device=True)
+    def _feature(x, fmap, one):
+        """φ(x): identity (0), elu(x) + 1 (1), relu (2)."""
+        if fmap == 1:
+            return x + one if x > 0 else math.exp(x)
+        if fmap == 2:
+            return x if x > 0 else x - x
+        return x
+
+    @cuda.jit(device=True)
+    def _feature_grad(x, fmap, one):
+        """φ'(x) for the same maps."""
+        if fmap == 1:
+            return one if x > 0 else math.exp(x)
+        if fmap == 2:
+            return one if x > 0 else one - one
+        return one
+
+    @cuda.jit(device=True)
+    def _load_tile(dst, src, bh, row0, row_end, col0, col_end, transpose, fmap, weights, weighted, one):
+        """dst (TILE, TILE+1) <- src[b, h, row0 + r, col0 + c] (transposed: dst[c, r]), zero outside
+        rows < row_end and cols < col_end, through the feature map fmap (-1: none), each row r times
+        weights[r] when weighted. Consecutive threads read consecutive columns (coalesced).
+        """
+        TILE = dst.shape[0]
+        heads = src.shape[1]
+        b = bh // heads
+        h = bh % heads
+        tid = cuda.threadIdx.x
+        threads = cuda.blockDim.x
+        for index in range(tid, TILE * TILE, threads):
+            r = _u32(index // TILE)
+            c = _u32(index % TILE)
+            row = row0 + r
+            col = col0 + c
+            value = one - one
+            if row < row_end and col < col_end:
+                value = src[b, h, row, col]
+                if fmap >= 0:
+                    value = _feature(value, fmap, one)
+                if weighted:
+                    value = value * weights[r]
+            if transpose:
+                dst[c, r] = value
+            else:
+                dst[r, c] = value
+
+    @cuda.jit(device=True)
+    def _tile_mma(acc, left, right, ty, tx):
+        """acc[i, j] += Σ_m left[ty + i·TY, m] · right[m, tx + j·TX] over the whole tile depth.
+
+        left, right (TILE, TILE+1) in shared memory; acc (R, R) in registers. Each thread owns
+        rows ty, ty + TY, ... and columns tx, tx + TX, ... (strided, so a warp reads consecutive
+        columns of `right` and at most two rows of `left`: no bank conflicts with the +1 padding).
+        """
+        TILE = left.shape[0]
+        for m in range(0, TILE, 4):     # four steps per iteration, written out: less loop bookkeeping
+            _mma_step(acc, left, right, ty, tx, _u32(m))
+            _mma_step(acc, left, right, ty, tx, _u32(m + 1))
+            _mma_step(acc, left, right, ty, tx, _u32(m + 2))
+            _mma_step(acc, left, right, ty, tx, _u32(m + 3))
+
+    @cuda.jit(device=True)
+    def _mma_step(acc, left, right, ty, tx, m):
+        """acc[i, j] += left[row i, m] · right[m, column j]: one rank-1 update of the register tile."""
+        R = acc.shape[0]
+        stride = left.shape[0] // R
+        for i in range(R):
+            a = left[ty + _u32(i * stride), m]
+            for j in range(R):
+                acc[i, j] += a * right[m, tx + _u32(j * stride)]
+
+    @cuda.jit(device=True)
+    def _zero(acc, zero):
+        for i in range(acc.shape[0]):
+            for j in range(acc.shape[1]):
+                acc[i, j] = zero
+
+    @cuda.jit(device=True)
+    def _cumulative_decay(s_gamma, g, decay_mode, bh, t_first, T, zero):
+        """s_gamma[r] = Γ for row r of the chunk: Σ of g over the chunk's steps up to r (g = 0 past T,
+        so padded rows repeat the last step's value). Each of the first TILE threads sums its prefix."""
+        TILE = s_gamma.shape[0]
+        for row in range(cuda.threadIdx.x, TILE, cuda.blockDim.x):
+            total = zero
+            if decay_mode == 1:              # g (1, H, 1): one value per head
+                heads = g.shape[1]
+                step = g[0, bh % heads, 0]
+                for r in range(row + 1):
+                    if t_first + r < T:
+                        total += step
+            elif decay_mode == 2:
+                heads = g.shape[1]
+                b = bh // heads
+                h = bh % heads
+                for r in range(row + 1):
+                    if t_first + r < T:
+                        total += g[b, h, t_first + r]
+            s_gamma[row] = total
+
+    @cuda.jit(device=True)
+    def _masked_scores(dst, acc, s_gamma, ty, tx, scale, transposed, zero):
+        """dst[row, col] = scale · exp(Γ_t − Γ_s) · acc where s ≤ t, else 0, for the register tile acc.
+
+        Rows are t and columns s, or the other way round when transposed (dst then holds the
+        transposed score matrix, rows s and columns t)."""
+        TILE = dst.shape[0]
+        R = acc.shape[0]
+        stride = TILE // R
+        for i in range(R):
+            row = ty + _u32(i * stride)
+            for j in range(R):
+                col = tx + _u32(j * stride)
+                t = col if transposed else row
+                s = row if transposed else col
+                value = zero
+                if s <= t:
+                    value = scale * math.exp(s_gamma[t] - s_gamma[s]) * acc[i, j]
+                dst[row, col] = value
+
+
+# ----------------------------------------------------------------------------------------------
+# kernels (built per dtype and tile: shared arrays need compile-time shapes)
+
+_KERNELS = {}
+
+
+def _numba_type(dtype):
+    import numba
+    return numba.float32 if np.dtype(dtype) == np.float32 else numba.float64
+
+
+def _kernels(dtype):
+    name = np.dtype(dtype).name
+    key = (name, TILES[name], REGS[name])
+    if key not in _KERNELS:
+        _KERNELS[key] = _make_kernels(_numba_type(dtype), TILES[name], REGS[name])
+    return _KERNELS[key]
+
+
+def _make_kernels(real, TILE, R):
+    PAD = TILE + 1
+    TX = TILE // R           # threads along a tile's columns (and rows)
+
+    @cuda.jit
+    def outer_kernel(xsrc, ysrc, g, out, chunk_decay, T, Dx, Dy, fmap, decay_mode, from_start, scale):
+        """out[b, h, c] (Dx × Dy) = Σ_s w_s φ(x_s)ᵀ y_s over chunk c, w_s = exp(Γ_end − Γ_s) for the
+        state increment ΔS_c, or w_s = scale · exp(Γ_s) (from_start) for the gradient increment ΔG_c.
+        Also chunk_decay[b, h, c] = Γ_end."""
+        chunk = cuda.blockIdx.x
+        bh = cuda.blockIdx.z
+        n_ytiles = (Dy + TILE - 1) // TILE
+        xt = cuda.blockIdx.y // n_ytiles
+        yt = cuda.blockIdx.y % n_ytiles
+        tid = cuda.threadIdx.x
+        ty = _u32(tid // TX)
+        tx = _u32(tid % TX)
+        zero = real(0)
+        one = real(1)
+        s_x = cuda.shared.array((TILE, PAD), real)
+        s_y = cuda.shared.array((TILE, PAD), real)
+        s_gamma = cuda.shared.array(TILE, real)
+        s_w = cuda.shared.array(TILE, real)
+        acc = cuda.local.array((R, R), real)
+        _zero(acc, zero)
+
+        t_first = chunk * TILE
+        _cumulative_decay(s_gamma, g, decay_mode, bh, t_first, T, zero)
+        cuda.syncthreads()
+        for row in range(tid, TILE, cuda.blockDim.x):
+            if from_start:
+                s_w[row] = scale * math.exp(s_gamma[row])
+            else:
+                s_w[row] = math.exp(s_gamma[TILE - 1] - s_gamma[row])
+        cuda.syncthreads()
+        _load_tile(s_x, xsrc, bh, t_first, T, xt * TILE, Dx, True, fmap, s_w, False, one)
+        _load_tile(s_y, ysrc, bh, t_first, T, yt * TILE, Dy, False, -1, s_w, True, one)
+        cuda.syncthreads()
+        _tile_mma(acc, s_x, s_y, ty, tx)
+
+        heads = out.shape[1]
+        b = bh // heads
+        h = bh % heads
+        for i in range(R):
+            row = xt * TILE + ty + i * TX
+            for j in range(R):
+                col = yt * TILE + tx + j * TX
+                if row < Dx and col < Dy:
+                    out[b, h, chunk * Dx + row, col] = acc[i, j]
+        if cuda.blockIdx.y == 0 and tid == 0:
+            chunk_decay[b, h, chunk] = s_gamma[TILE - 1]
+
+    @cuda.jit
+    def output_kernel(q, k, v, g, states, out, T, Dk, Dv, fmap, decay_mode, scale):
+        """out_t = scale (exp(Γ_t) φ(q_t) S_c + Σ_{s ≤ t} exp(Γ_t − Γ_s)(φ(q_t)·φ(k_s)) v_s), one Dv tile."""
+        chunk = cuda.blockIdx.x
+        vt = cuda.blockIdx.y
+        bh = cuda.blockIdx.z
+        tid = cuda.threadIdx.x
+        ty = _u32(tid // TX)
+        tx = _u32(tid % TX)
+        zero = real(0)
+        one = real(1)
+        s_1 = cuda.shared.array((TILE, PAD), real)
+        s_2 = cuda.shared.array((TILE, PAD), real)
+        s_gamma = cuda.shared.array(TILE, real)
+        acc_o = cuda.local.array((R, R), real)
+        acc_a = cuda.local.array((R, R), real)
+        _zero(acc_o, zero)
+        _zero(acc_a, zero)
+
+        t_first = chunk * TILE
+        _cumulative_decay(s_gamma, g, decay_mode, bh, t_first, T, zero)
+        for kt in range(0, Dk, TILE):
+            _load_tile(s_1, q, bh, t_first, T, kt, Dk, False, fmap, s_gamma, False, one)
+            _load_tile(s_2, states, bh, chunk * Dk + kt, chunk * Dk + Dk, vt * TILE, Dv, False, -1,
+                       s_gamma, False, one)
+            cuda.syncthreads()
+            _tile_mma(acc_o, s_1, s_2, ty, tx)                 # φ(Q) S_c
+            cuda.syncthreads()
+            _load_tile(s_2, k, bh, t_first, T, kt, Dk, True, fmap, s_gamma, False, one)
+            cuda.syncthreads()
+            _tile_mma(acc_a, s_1, s_2, ty, tx)                 # φ(Q) φ(K)ᵀ
+            cuda.syncthreads()
+        _masked_scores(s_1, acc_a, s_gamma, ty, tx, scale, False, zero)
+        _load_tile(s_2, v, bh, t_first, T, vt * TILE, Dv, False, -1, s_gamma, False, one)
+        for i in range(R):
+            row = ty + _u32(i * TX)
+            weight = scale * math.exp(s_gamma[row])
+            for j in range(R):
+                acc_o[i, j] = weight * acc_o[i, j]
+        cuda.syncthreads()
+        _tile_mma(acc_o, s_1, s_2, ty, tx)                     # + (A ⊙ M) V
+
+        heads = out.shape[1]
+        b = bh // heads
+        h = bh % heads
+        for i in range(R):
+            t = t_first + ty + i * TX
+            for j in range(R):
+                col = vt * TILE + tx + j * TX
+                if t < T and col < Dv:
+                    out[b, h, t, col] = acc_o[i, j]
+
+    @cuda.jit
+    def chunk_scan_kernel(increments, chunk_decay, initial, final, has_initial, reverse, decay_mode):
+        """In place over chunks, for every state entry e: increments[b, h, c, e] <- the running state
+        before chunk c is folded in, running <- exp(Γ_end,c) running + increment_c. Forward (states
+        entering each chunk; `final` gets the last state) or reverse (gradients leaving each chunk)."""
+        e = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+        bh = cuda.blockIdx.y
+        heads = increments.shape[1]
+        n_chunks = increments.shape[2]
+        size = increments.shape[3]
+        b = bh // heads
+        h = bh % heads
+        if e < size:
+            running = real(0)
+            if has_initial:
+                running = initial[b, h, e]
+            loaded = cuda.local.array(SCAN_UNROLL, real)
+            for first in range(0, n_chunks, SCAN_UNROLL):
+                # load a few increments first: their loads are then in flight together
+                for u in range(SCAN_UNROLL):
+                    step = first + u
+                    if step < n_chunks:
+                        c = n_chunks - 1 - step if reverse else step
+                        loaded[u] = increments[b, h, c, e]
+                for u in range(SCAN_UNROLL):
+                    step = first + u
+                    if step < n_chunks:
+                        c = n_chunks - 1 - step if reverse else step
+                        increments[b, h, c, e] = running
+                        if decay_mode != 0:
+                            running = math.exp(chunk_decay[b, h, c]) * running
+                        running += loaded[u]
+            if not reverse:
+                final[b, h, e] = running
+
+    @cuda.jit
+    def dq_kernel(q, k, v, do, g, states, dq, dgamma, T, Dk, Dv, fmap, decay_mode, scale):
+        """dq for one Dk tile: dφ(Q) = (dP ⊙ M) φ(K) + scale exp(Γ) dO S_cᵀ, dq = dφ(Q) ⊙ φ'(q)."""
+        chunk = cuda.blockIdx.x
+        kt = cuda.blockIdx.y * TILE
+        bh = cuda.blockIdx.z
+        tid = cuda.threadIdx.x
+        ty = _u32(tid // TX)
+        tx = _u32(tid % TX)
+        zero = real(0)
+        one = real(1)
+        s_1 = cuda.shared.array((TILE, PAD), real)
+        s_2 = cuda.shared.array((TILE, PAD), real)
+        s_gamma = cuda.shared.array(TILE, real)
+        s_db = cuda.shared.array(TILE, real)
+        acc = cuda.local.array((R, R), real)
+        acc_q = cuda.local.array((R, R), real)
+        _zero(acc, zero)
+        _zero(acc_q, zero)
+        t_first = chunk * TILE
+        _cumulative_decay(s_gamma, g, decay_mode, bh, t_first, T, zero)
+        for row in range(tid, TILE, cuda.blockDim.x):
+            s_db[row] = zero
+
+        for vt in range(0, Dv, TILE):                        # dO Vᵀ
+            _load_tile(s_1, do, bh, t_first, T, vt, Dv, False, -1, s_gamma, False, one)
+            _load_tile(s_2, v, bh, t_first, T, vt, Dv, True, -1, s_gamma, False, one)
+            cuda.syncthreads()
+            _tile_mma(acc, s_1, s_2, ty, tx)
+            cuda.syncthreads()
+        _masked_scores(s_1, acc, s_gamma, ty, tx, scale, False, zero)      # dP
+        _load_tile(s_2, k, bh, t_first, T, kt, Dk, False, fmap, s_gamma, False, one)
+        cuda.syncthreads()
+        _tile_mma(acc_q, s_1, s_2, ty, tx)                   # dP φ(K)
+        _zero(acc, zero)
+        for vt in range(0, Dv, TILE):                        # dO S_cᵀ
+            cuda.syncthreads()
+            _load_tile(s_1, do, bh, t_first, T, vt, Dv, False, -1, s_gamma, False, one)
+            _load_tile(s_2, states, bh, chunk * Dk + kt, chunk * Dk + Dk, vt, Dv, True, -1,
+                       s_gamma, False, one)
+            cuda.syncthreads()
+            _tile_mma(acc, s_1, s_2, ty, tx)
+        _finish_key_grad(q, dq, dgamma, acc_q, acc, s_gamma, s_db, bh, t_first, kt, T, Dk, fmap,
+                         decay_mode, ty, tx, one, False, scale)
+
+    @cuda.jit
+    def dk_kernel(q, k, v, do, g, grads, dk, dgamma, T, Dk, Dv, fmap, decay_mode, scale):
+        """dk for one Dk tile: dφ(K) = (dP ⊙ M)ᵀ φ(Q) + exp(Γ_end − Γ) V G_cᵀ, dk = dφ(K) ⊙ φ'(k)."""
+        chunk = cuda.blockIdx.x
+        kt = cuda.blockIdx.y * TILE
+        bh = cuda.blockIdx.z
+        tid = cuda.threadIdx.x
+        ty = _u32(tid // TX)
+        tx = _u32(tid % TX)
+        zero = real(0)
+        one = real(1)
+        s_1 = cuda.shared.array((TILE, PAD), real)
+        s_2 = cuda.shared.array((TILE, PAD), real)
+        s_gamma = cuda.shared.array(TILE, real)
+        s_db = cuda.shared.array(TILE, real)
+        acc = cuda.local.array((R, R), real)
+        acc_k = cuda.local.array((R, R), real)
+        _zero(acc, zero)
+        _zero(acc_k, zero)
+        t_first = chunk * TILE
+        _cumulative_decay(s_gamma, g, decay_mode, bh, t_first, T, zero)
+        for row in range(tid, TILE, cuda.blockDim.x):
+            s_db[row] = zero
+
+        for vt in range(0, Dv, TILE):                        # V dOᵀ = (dO Vᵀ)ᵀ
+            _load_tile(s_1, v, bh, t_first, T, vt, Dv, False, -1, s_gamma, False, one)
+            _load_tile(s_2, do, bh, t_first, T, vt, Dv, True, -1, s_gamma, False, one)
+            cuda.syncthreads()
+            _tile_mma(acc, s_1, s_2, ty, tx)
+            cuda.syncthreads()
+        _masked_scores(s_1, acc, s_gamma, ty, tx, scale, True, zero)       # dPᵀ
+        _load_tile(s_2, q, bh, t_first, T, kt, Dk, False, fmap, s_gamma, False, one)
+        cuda.syncthreads()
+        _tile_mma(acc_k, s_1, s_2, ty, tx)                   # dPᵀ φ(Q)
+        _zero(acc, zero)
+        for vt in range(0, Dv, TILE):                        # V G_cᵀ
+            cuda.syncthreads()
+            _load_tile(s_1, v, bh, t_first, T, vt, Dv, False, -1, s_gamma, False, one)
+            _load_tile(s_2, grads, bh, chunk * Dk + kt, chunk * Dk + Dk, vt, Dv, True, -1,
+                       s_gamma, False, one)
+            cuda.syncthreads()
+            _tile_mma(acc, s_1, s_2, ty, tx)
+        _finish_key_grad(k, dk, dgamma, acc_k, acc, s_gamma, s_db, bh, t_first, kt, T, Dk, fmap,
+                         decay_mode, ty, tx, one, True, scale)
+
+    @cuda.jit
+    def dv_kernel(q, k, do, g, grads, dv, T, Dk, Dv, fmap, decay_mode, scale):
+        """dv for one Dv tile: dV = (A ⊙ M)ᵀ dO + exp(Γ_end − Γ) φ(K) G_c."""
+        chunk = cuda.blockIdx.x
+        vt = cuda.blockIdx.y * TILE
+        bh = cuda.blockIdx.z
+        tid = cuda.threadIdx.x
+        ty = _u32(tid // TX)
+        tx = _u32(tid % TX)
+        zero = real(0)
+        one = real(1)
+        s_1 = cuda.shared.array((TILE, PAD), real)
+        s_2 = cuda.shared.array((TILE, PAD), real)
+        s_gamma = cuda.shared.array(TILE, real)
+        acc = cuda.local.array((R, R), real)
+        acc_v = cuda.local.array((R, R), real)
+        _zero(acc, zero)
+        _zero(acc_v, zero)
+        t_first = chunk * TILE
+        _cumulative_decay(s_gamma, g, decay_mode, bh, t_first, T, zero)
+
+        for kt in range(0, Dk, TILE):                        # φ(K) φ(Q)ᵀ = Aᵀ
+            _load_tile(s_1, k, bh, t_first, T, kt, Dk, False, fmap, s_gamma, False, one)
+            _load_tile(s_2, q, bh, t_first, T, kt, Dk, True, fmap, s_gamma, False, one)
+            cuda.syncthreads()
+            _tile_mma(acc, s_1, s_2, ty, tx)
+            cuda.syncthreads()
+        _masked_scores(s_1, acc, s_gamma, ty, tx, scale, True, zero)
+        _load_tile(s_2, do, bh, t_first, T, vt, Dv, False, -1, s_gamma, False, one)
+        cuda.syncthreads()
+        _tile_mma(acc_v, s_1, s_2, ty, tx)                   # Aᵀ dO
+        _zero(acc, zero)
+        for kt in range(0, Dk, TILE):                        # φ(K) G_c
+            cuda.syncthreads()
+            _load_tile(s_1, k, bh, t_first, T, kt, Dk, False, fmap, s_gamma, False, one)
+            _load_tile(s_2, grads, bh, chunk * Dk + kt, chunk * Dk + Dk, vt, Dv, False, -1,
+                       s_gamma, False, one)
+            cuda.syncthreads()
+            _tile_mma(acc, s_1, s_2, ty, tx)
+
+        heads = dv.shape[1]
+        b = bh // heads
+        h = bh % heads
+        for i in range(R):
+            row = ty + _u32(i * TX)
+            weight = math.exp(s_gamma[TILE - 1] - s_gamma[row])
+            t = t_first + row
+            for j in range(R):
+                col = vt + tx + j * TX
+                if t < T and col < Dv:
+                    dv[b, h, t, col] = acc_v[i, j] + weight * acc[i, j]
+
+    @cuda.jit
+    def decay_grad_kernel(db, dlog, per_head):
+        """From ∂L/∂b (B, H, T): ∂L/∂g_r = Σ_{t ≥ r} ∂L/∂b_t (a reverse cumulative sum over time) into
+        dlog (B, H, T), or, per_head, its sum over batch and time, Σ_t (t + 1) ∂L/∂b_t, into dlog (1, H, 1).
+        One block per (b, h): each thread sums a stretch of time, a scan across threads joins them."""
+        bh = cuda.blockIdx.x
+        heads = db.shape[1]
+        T = db.shape[2]
+        b = bh // heads
+        h = bh % heads
+        tid = cuda.threadIdx.x
+        threads = cuda.blockDim.x
+        s_sum = cuda.shared.array(SCAN_THREADS, real)
+        per_thread = (T + threads - 1) // threads
+        first = tid * per_thread
+        local = real(0)
+        for t in range(first, min(first + per_thread, T)):
+            if per_head:
+                local += real(t + 1) * db[b, h, t]
+            else:
+                local += db[b, h, t]
+        s_sum[tid] = local
+        cuda.syncthreads()
+        if per_head:
+            if tid == 0:
+                total = real(0)
+                for i in range(threads):
+                    total += s_sum[i]
+                cuda.atomic.add(dlog, (0, h, 0), total)
+            return
+        # suffix sums over the threads' stretches (Hillis-Steele, reversed), then within each stretch
+        offset = 1
+        while offset < threads:
+            value = s_sum[tid]
+            if tid + offset < threads:
+                value += s_sum[tid + offset]
+            cuda.syncthreads()
+            s_sum[tid] = value
+            cuda.syncthreads()
+            offset *= 2
+        running = s_sum[tid + 1] if tid + 1 < threads else real(0)
+        last = min(first + per_thread, T)
+        for step in range(last - first):
+            t = last - 1 - step
+            running += db[b, h, t]
+            dlog[b, h, t] = running
+
+    return {"outer": outer_kernel, "output": output_kernel, "scan": chunk_scan_kernel,
+            "dq": dq_kernel, "dk": dk_kernel, "dv": dv_kernel, "decay_grad": decay_grad_kernel,
+            "threads": TX * TX}
+
+
+if cuda is not None:
+    @cuda.jit(device=True)
+    def _finish_key_grad(x, dx, dgamma, acc_local, acc_state, s_gamma, s_db, bh, t_first, col0, T, Dk,
+                         fmap, decay_mode, ty, tx, one, is_key, scale):
+        """dφ(x) = acc_local + w_t acc_state with w_t = scale exp(Γ_t) (queries) or exp(Γ_end − Γ_t)
+        (keys); dx = dφ(x) ⊙ φ'(x). With a decay, adds ±φ(x_t)·dφ(x_t) into dgamma[b, h, t]."""
+        TILE = s_gamma.shape[0]
+        R = acc_local.shape[0]
+        stride = TILE // R
+        heads = dx.shape[1]
+        b = bh // heads
+        h = bh % heads
+        for i in range(R):
+            row = ty + _u32(i * stride)
+            t = t_first + row
+            if is_key:
+                weight = math.exp(s_gamma[TILE - 1] - s_gamma[row])
+            else:
+                weight = scale * math.exp(s_gamma[row])
+            dot = one - one
+            for j in range(R):
+                col = col0 + tx + j * stride
+                if t < T and col < Dk:
+                    dphi = acc_local[i, j] + weight * acc_state[i, j]
+                    value = x[b, h, t, col]
+                    dx[b, h, t, col] = dphi * _feature_grad(value, fmap, one)
+                    dot += _feature(value, fmap, one) * dphi
+            if decay_mode != 0:
+                cuda.atomic.add(s_db, row, -dot if is_key else dot)
+        if decay_mode != 0:
+            cuda.syncthreads()
+            for r in range(cuda.threadIdx.x, TILE, cuda.blockDim.x):
+                if t_first + r < T:
+                    cuda.atomic.add(dgamma, (b, h, t_first + r), s_db[r])
+
+# ----------------------------------------------------------------------------------------------
+# host wrappers
+
+def _grid_tiles(size, tile):
+    return -(-size // tile)
+
+
+def forward(q, k, v, causal=True, chunk_size=64, feature_map="identity", scale=None, normalize=False,
+            log_decay=None, initial_state=None, return_state=False):
+    """Causal linear attention on the GPU; same arguments and results as the reference op's forward
+    (minus mode and backend). q, k: (B, H, T, Dk); v: (B, H, T, Dv); log_decay None, (H,) or (B, H, T);
+    initial_state (B, H, Dk, Dv) or None. NumPy or CUDA arrays, all float32 (fast) or all float64;
+    results come back in the kind of q. chunk_size is accepted for signature compatibility: the
+    kernels use their own chunk, TILES[dtype]. Returns (out, cache) or ((out, final_state), cache).
+    """
+    ok, reason = supports(causal=causal, normalize=normalize, feature_map=feature_map)
+    if not ok:
+        raise ValueError(reason)
+    kind = _device.array_kind(q)
+    q_d = _device.to_device("q", q)
+    k_d = _device.to_device("k", k)
+    v_d = _device.to_device("v", v)
+    dtype = q_d.dtype
+    for label, array in (("k", k_d), ("v", v_d)):
+        if array.dtype != dtype:
+            raise TypeError(f"{label} must have the same dtype as q ({dtype}), got {array.dtype}")
+    B, H, T, Dk = q_d.shape
+    Dv = v_d.shape[3]
+    scale = 1.0 if scale is None else float(scale)
+    fmap = FEATURE_MAPS[feature_map]
+    tile = TILES[np.dtype(dtype).name]
+    kernels = _kernels(dtype)
+    threads = kernels["threads"]
+    n_chunks = -(-T // tile)
+
+    g_d, decay_mode = _decay_input(log_decay, dtype, H)
+    states = _device.empty((B, H, n_chunks * Dk, Dv), dtype)      # ΔS_c, then S_c in place
+    chunk_decay = _device.zeros((B, H, n_chunks), dtype)
+    final = _device.empty((B, H, Dk * Dv), dtype)
+    initial = _device.to_device("initial_state", initial_state) if initial_state is not None \
+        else _device.zeros((1, 1, 1, 1), dtype)
+    out = _device.empty((B, H, T, Dv), dtype)
+
+    real = dtype.type
+    kernels["outer"][(n_chunks, _grid_tiles(Dk, tile) * _grid_tiles(Dv, tile), B * H), threads](
+        k_d, v_d, g_d, states, chunk_decay, T, Dk, Dv, fmap, decay_mode, False, real(scale))
+    kernels["scan"][(_grid_tiles(Dk * Dv, SCAN_THREADS), B * H), SCAN_THREADS](
+        states.reshape(B, H, n_chunks, Dk * Dv), chunk_decay,
+        initial.reshape(initial.shape[0], initial.shape[1], initial.shape[2] * initial.shape[3]),
+        final, int(initial_state is not None), False, decay_mode)
+    kernels["output"][(n_chunks, _grid_tiles(Dv, tile), B * H), threads](
+        q_d, k_d, v_d, g_d, states, out, T, Dk, Dv, fmap, decay_mode, real(scale))
+
+    cache = {"backend": "cuda", "kind": kind, "q": q_d, "k": k_d, "v": v_d, "g": g_d,
+             "decay_mode": decay_mode, "log_decay_shape": None if log_decay is None else tuple(log_decay.shape),
+             "states": states, "chunk_decay": chunk_decay, "tile": tile, "fmap": fmap, "scale": scale}
+    out_user = _device.from_device(out, kind)
+    if return_state:
+        return (out_user, _device.from_device(final.reshape(B, H, Dk, Dv), kind)), cache
+    return out_user, cache
+
+
+def _decay_input(log_decay, dtype, H):
+    """(device array (B or 1, H, T or 1), mode): the log-decay, or a placeholder when there is none."""
+    if log_decay is None:
+        return _device.zeros((1, 1, 1), dtype), DECAY_NONE
+    g_d = _device.to_device("log_decay", log_decay)
+    if g_d.dtype != dtype:
+        raise TypeError(f"log_decay must have dtype {dtype}, got {g_d.dtype}")
+    if len(g_d.shape) == 1:      # (H,) -> a (1, H, 1) view, so that the kernels see one rank
+        return g_d.reshape(1, H, 1), DECAY_PER_HEAD
+    return g_d, DECAY_PER_STEP
+
+
+def backward(do, cache):
+    """Gradients (dq, dk, dv), or (dq, dk, dv, dlog_decay) when log_decay was given; results come
+    back in the kind of do. No gradient flows into initial_state."""
+    kind = _device.array_kind(do)
+    do_d = _device.to_device("do", do)
+    q_d, k_d, v_d, g_d = cache["q"], cache["k"], cache["v"], cache["g"]
+    if tuple(do_d.shape) != tuple(v_d.shape):
+        raise ValueError(f"do must have shape {tuple(v_d.shape)}, got {tuple(do_d.shape)}")
+    dtype = q_d.dtype
+    if do_d.dtype != dtype:
+        raise TypeError(f"do must have dtype {dtype}, got {do_d.dtype}")
+    B, H, T, Dk = q_d.shape
+    Dv = v_d.shape[3]
+    tile = cache["tile"]
+    kernels = _kernels(dtype)
+    threads = kernels["threads"]
+    n_chunks = -(-T // tile)
+    fmap, decay_mode, scale = cache["fmap"], cache["decay_mode"], dtype.type(cache["scale"])
+
+    grads = _device.empty((B, H, n_chunks * Dk, Dv), dtype)       # ΔG_c, then G_c in place
+    unused = _device.zeros((1, 1, 1), dtype)
+    kernels["outer"][(n_chunks, _grid_tiles(Dk, tile) * _grid_tiles(Dv, tile), B * H), threads](
+        q_d, do_d, g_d, grads, cache["chunk_decay"], T, Dk, Dv, fmap, decay_mode, True, scale)
+    kernels["scan"][(_grid_tiles(Dk * Dv, SCAN_THREADS), B * H), SCAN_THREADS](
+        grads.reshape(B, H, n_chunks, Dk * Dv), cache["chunk_decay"], unused, unused, 0, True, decay_mode)
+
+    dq = _device.empty((B, H, T, Dk), dtype)
+    dk = _device.empty((B, H, T, Dk), dtype)
+    dv = _device.empty((B, H, T, Dv), dtype)
+    dgamma = _device.zeros((B, H, T) if decay_mode != DECAY_NONE else (1, 1, 1), dtype)
+    kernels["dq"][(n_chunks, _grid_tiles(Dk, tile), B * H), threads](
+        q_d, k_d, v_d, do_d, g_d, cache["states"], dq, dgamma, T, Dk, Dv, fmap, decay_mode, scale)
+    kernels["dk"][(n_chunks, _grid_tiles(Dk, tile), B * H), threads](
+        q_d, k_d, v_d, do_d, g_d, grads, dk, dgamma, T, Dk, Dv, fmap, decay_mode, scale)
+    kernels["dv"][(n_chunks, _grid_tiles(Dv, tile), B * H), threads](
+        q_d, k_d, do_d, g_d, grads, dv, T, Dk, Dv, fmap, decay_mode, scale)
+
+    result = [_device.from_device(x, kind) for x in (dq, dk, dv)]
+    if decay_mode == DECAY_NONE:
+        return tuple(result)
+    per_head = decay_mode == DECAY_PER_HEAD
+    dlog = _device.zeros((1, H, 1), dtype) if per_head else _device.empty((B, H, T), dtype)
+    kernels["decay_grad"][B * H, SCAN_THREADS](dgamma, dlog, per_head)
+    return tuple(result) + (_device.from_device(dlog.reshape(H) if per_head else dlog, kind),)

@@ -1,0 +1,800 @@
+"""Selective scan on a GPU: numba.cuda kernels for the forward and the backward of Mamba's scan.
+
+Shapes: B batch, T time, D channels, N state size.
+
+    u, delta, z      (B, T, D)     input, raw step size, optional gate
+    A                (D, N)        state matrix (one diagonal per channel)
+    Bm, Cm           (B, T, N)     input and output projections, shared by all channels
+    D, delta_bias    (D,)          skip connection, step-size bias
+    h                (B, D, N)     state
+
+The equations are those of the NumPy reference, minilm.ops.selective_scan, for every (b, d, n):
+
+    Δ_t   = softplus(delta_t + delta_bias) if delta_softplus else delta_t + delta_bias
+    a_t   = exp(Δ_t A)          b_t = Δ_t u_t B_t
+    h_t   = a_t h_{t-1} + b_t                                  h_0 = initial_state, or 0
+    y_t   = Σ_n C_t h_t + D u_t          out_t = y_t · SiLU(z_t)   (when z is given)
+
+Backward, with dy_t = dL/dy_t and the adjoint g_t = dL/dh_t:
+
+    g_t   = C_t dy_t + a_{t+1} g_{t+1}                          (a_{T+1} g_{T+1} := 0)
+    du_t  = Δ_t Σ_n g_t B_t + D dy_t       dΔ_t = u_t Σ_n g_t B_t + Σ_n g_t A (a_t h_{t-1})
+    dA    = Σ_{b,t} g_t Δ_t a_t h_{t-1}    dB_t = Σ_d g_t Δ_t u_t      dC_t = Σ_d dy_t h_t
+    dD    = Σ_{b,t} dy_t u_t               ddelta_bias = Σ_{b,t} ddelta_t
+
+How the work is laid out (one CUDA block per batch entry and group of CHANNELS channels):
+
+    thread = (channel lane, state thread, time segment)      lane varies fastest: loads along D coalesce
+    each thread owns STATES_PER_THREAD states of one channel and STEPS consecutive time steps
+    a chunk = SEGMENTS × STEPS steps; the block walks the chunks in order (the backward: in reverse)
+
+Inside a chunk the scan is two-level, with the associative operator of the reference,
+
+    (a1, b1) ∘ (a2, b2) = (a1 a2, a2 b1 + b2):
+
+  1. each thread scans its own STEPS steps from h = 0 in registers, keeping a_t and b_t;
+     its segment's aggregate is (Π a_t, h_local);
+  2. the segments' aggregates are scanned across threads in shared memory (Hillis-Steele,
+     _segment_scan), with the state carried out of the previous chunk folded into the first
+     segment, so that every segment learns the state it starts from;
+  3. fix-up: each thread replays its steps from that state, h_t = a_t h_{t-1} + b_t, with the a_t, b_t
+     it kept (no second exp), and adds C_t h_t into y.
+
+The C-contraction y_t = Σ_n C_t h_t is a reduction over the state threads through shared memory.
+The only per-step state that reaches global memory is the state entering every chunk, `carries`
+(B, n_chunks, N, D): the backward rebuilds each chunk's states from it (steps 1-3 again), runs the
+adjoint recurrence backwards the same two-level way (the reverse scan carries a_t g_t of a chunk's
+first step into the chunk before it: the a_{t+1} shift across the boundary), and reads the gradients
+off (g_t, h_t). dB and dC (sums over channels) are added with atomics, first into shared-memory
+tiles and then, once per chunk, into float32/float64 global buffers; dA, dD and ddelta_bias too.
+The backward is therefore not bit-for-bit deterministic.
+
+When N exceeds the states one block holds at a time (STATE_THREADS × STATES_PER_THREAD), the block
+walks the states in groups, adding each group's partial sums into the output buffers.
+
+Floating point: the state math is in the input dtype (float32 inputs: float32 throughout, the speed
+path; float64 works too). exp(Δ A) is computed as exp2(Δ · A log2 e) (one hardware instruction in
+float32, ~2 ulp). No fast-math flags. Results match the reference to ~1e-6 relative in float32.
+
+Public API (inputs already validated by minilm.ops.selective_scan; NumPy arrays or CUDA arrays):
+    available() -> (ok, reason); supports(**options) -> (ok, reason)
+    forward(u, delta, A, Bm, Cm, D=None, z=None, delta_bias=None, delta_softplus=False,
+            chunk_size=64, initial_state=None, return_state=False) -> (out, cache)
+    backward(dout, cache) -> (du, ddelta, dA, dBm, dCm, dD, dz, ddelta_bias)
+"""
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from minilm.kernels.cuda import _device
+from minilm.kernels.cuda._device import cuda
+
+try:
+    from numba import uint32 as _u32
+except Exception:  # pragma: no cover - numba missing: available() says so
+    _u32 = None
+
+SOFTPLUS_THRESHOLD = 20.0   # softplus(x) = x above this, as in the reference
+LOG2E = 1.4426950408889634  # exp(x) = exp2(x log2 e)
+
+
+@dataclass(frozen=True)
+class ScanConfig:
+    """Block shape of the scan kernels (module constants; tests shrink them).
+
+    channels           channels per block, the fastest thread index (coalesced loads along D)
+    state_threads      threads along the state axis (at most; fewer when N is small)
+    states_per_thread  states one thread keeps in registers
+    fwd_segments, fwd_steps    forward: time segments per chunk, steps per segment
+    bwd_segments, bwd_steps    backward: the same; both must give the same chunk length, since the
+                               backward restarts every chunk from the state the forward stored
+    fwd_min_blocks, bwd_min_blocks   0, or the blocks per multiprocessor to ask the compiler to make
+                               room for (CUDA launch bounds: it then caps the registers per thread)
+    """
+    channels: int = 8
+    state_threads: int = 8
+    states_per_thread: int = 2
+    fwd_segments: int = 4
+    fwd_steps: int = 16
+    bwd_segments: int = 8
+    bwd_steps: int = 8
+    fwd_min_blocks: int = 0
+    bwd_min_blocks: int = 2     # caps the backward's registers: 512 threads at 121 registers do not launch
+
+    @property
+    def chunk(self):
+        return self.fwd_segments * self.fwd_steps
+
+    def check(self):
+        if self.fwd_segments * self.fwd_steps != self.bwd_segments * self.bwd_steps:
+            raise ValueError(f"forward and backward chunks differ: {self.fwd_segments}x{self.fwd_steps} "
+                             f"vs {self.bwd_segments}x{self.bwd_steps}")
+        return self
+
+
+# float64 tiles take twice the shared memory: half the chunk keeps a block under the 48 KiB that a
+# kernel may use statically.
+CONFIGS = {
+    "float32": ScanConfig(),
+    "float64": ScanConfig(fwd_segments=2, fwd_steps=16, bwd_segments=4, fwd_min_blocks=0),
+}
+
+
+def set_config(dtype, **changes):
+    """Change the block shape used for `dtype` ("float32" / "float64"); returns the previous one."""
+    previous = CONFIGS[dtype]
+    CONFIGS[dtype] = replace(previous, **changes).check()
+    return previous
+
+
+def available():
+    """(ok, reason): whether numba.cuda can run these kernels here (a GPU, or the simulator)."""
+    return _device.available()
+
+
+def supports(**options):
+    """(ok, reason) for a set of forward options: every option of the reference is supported."""
+    return True, ""
+
+
+# ----------------------------------------------------------------------------------------------
+# small device functions
+
+if cuda is not None:
+    @cuda.jit(device=True)
+    def _softplus(x, threshold):
+        """log(1 + e^x), the identity above the threshold (as the reference)."""
+        if x > threshold:
+            return x
+        return math.log1p(math.exp(x))
+
+    @cuda.jit(device=True)
+    def _sigmoid(x, one):
+        """σ(x) without overflow: exp only ever sees -|x|."""
+        e = math.exp(-abs(x))
+        if x >= 0:
+            return one / (one + e)
+        return e / (one + e)
+
+
+def _rounds(segments):
+    """Hillis-Steele rounds needed to scan `segments` elements: ceil(log2(segments))."""
+    return max(0, math.ceil(math.log2(segments))) if segments > 1 else 0
+
+
+def _numba_type(dtype):
+    import numba
+    return numba.float32 if np.dtype(dtype) == np.float32 else numba.float64
+
+
+def _layout(config, N):
+    """(state_threads, states_per_thread) used for N states: no more threads than states need."""
+    per_thread = min(config.states_per_thread, N)
+    threads = min(config.state_threads, -(-N // per_thread))
+    return threads, per_thread
+
+
+# ----------------------------------------------------------------------------------------------
+# forward kernel
+
+_KERNELS = {}
+
+
+def _kernel_jit(threads, min_blocks):
+    """cuda.jit, with launch bounds (threads per block, blocks per multiprocessor) when asked for."""
+    if min_blocks and not _device.simulator_enabled():
+        try:
+            return cuda.jit(launch_bounds=(threads, min_blocks))
+        except TypeError:  # a numba-cuda without launch bounds
+            pass
+    return cuda.jit
+
+
+def _forward_kernel(dtype, config, N):
+    NT, NPT = _layout(config, N)
+    DG, S, K = config.channels, config.fwd_segments, config.fwd_steps
+    key = ("fwd", np.dtype(dtype).name, DG, NT, NPT, S, K, config.fwd_min_blocks)
+    if key not in _KERNELS:
+        _KERNELS[key] = _make_forward_kernel(_numba_type(dtype), DG, NT, NPT, S, K, config.fwd_min_blocks)
+    return _KERNELS[key], DG * NT * S
+
+
+def _make_forward_kernel(real, DG, NT, NPT, S, K, min_blocks):
+    NP = NT * NPT                # states handled per pass over the sequence
+    CH = S * K                   # steps per chunk
+    THREADS = DG * NT * S
+    ROUNDS = _rounds(S)
+
+    @_kernel_jit(THREADS, min_blocks)
+    def forward_kernel(u, delta, A, Bm, Cm, Dskip, z, bias, h0, out, carries, final_state,
+                       has_z, has_h0, softplus):
+        batch = cuda.blockIdx.y
+        d_first = cuda.blockIdx.x * DG
+        tid = cuda.threadIdx.x
+        # Shared-memory indices are unsigned: Numba then skips negative-index wraparound and the
+        # compiler folds every access of the unrolled loops into base + constant offset.
+        lane = _u32(tid % DG)            # channel within the block
+        nt = _u32((tid // DG) % NT)      # state thread
+        seg = _u32(tid // (DG * NT))     # time segment within a chunk
+        row0 = _u32(seg * K)             # this segment's first row in the chunk tiles
+        col0 = _u32(nt * NPT)            # this thread's first state column
+        T = u.shape[1]
+        channels = u.shape[2]
+        N = A.shape[1]
+        d = d_first + lane
+        d_ok = d < channels
+        zero = real(0)
+        one = real(1)
+        log2e = real(LOG2E)
+        threshold = real(SOFTPLUS_THRESHOLD)
+
+        # one chunk of the inputs, shared by the block
+        s_step = cuda.shared.array((CH, DG), real)      # Δ_t
+        s_step_u = cuda.shared.array((CH, DG), real)    # Δ_t u_t
+        s_u = cuda.shared.array((CH, DG), real)         # u_t
+        s_B = cuda.shared.array((CH, NP), real)
+        s_C = cuda.shared.array((CH, NP), real)
+        # segment aggregates (Π a, h), two buffers for the rounds of the segment scan
+        s_scan_a = cuda.shared.array((2, S, NP, DG), real)
+        s_scan_h = cuda.shared.array((2, S, NP, DG), real)
+        s_carry = cuda.shared.array((NP, DG), real)     # state entering the current chunk
+        s_y = cuda.shared.array((CH, NT, DG), real)     # Σ_n C h per state thread, summed below
+        s_zero = cuda.shared.array(1, _u32)             # 0, re-read every chunk (see the backward)
+        if tid == 0:
+            s_zero[0] = 0
+
+        decay = cuda.local.array((K, NPT), real)        # a_t of this thread's steps
+        drive = cuda.local.array((K, NPT), real)        # b_t
+        A2 = cuda.local.array(NPT, real)                # A log2 e
+        h = cuda.local.array(NPT, real)
+        prod = cuda.local.array(NPT, real)
+        carry_in = cuda.local.array(NPT, real)
+
+        n_chunks = (T + CH - 1) // CH
+        n_groups = (N + NP - 1) // NP
+        for group in range(n_groups):
+            for j in range(NPT):
+                n = group * NP + nt * NPT + j
+                A2[j] = A[d, n] * log2e if (d_ok and n < N) else zero
+                if seg == 0:
+                    start = zero
+                    if has_h0 and d_ok and n < N:
+                        start = h0[batch, d, n]
+                    s_carry[col0 + _u32(j), lane] = start
+
+            for chunk in range(n_chunks):
+                t_first = chunk * CH
+                cuda.syncthreads()       # everyone is done with the previous chunk's tiles
+                row0 = _u32(seg * K) + s_zero[0]
+                _stage_inputs(u, delta, bias, Bm, Cm, s_step, s_step_u, s_u, s_B, s_C,
+                              batch, t_first, d_first, group * NP, softplus, threshold, zero)
+                if seg == 0:
+                    for j in range(NPT):
+                        carry_in[j] = s_carry[col0 + _u32(j), lane]
+                        n = group * NP + nt * NPT + j
+                        if d_ok and n < N:
+                            carries[batch, chunk, n, d] = carry_in[j]
+                cuda.syncthreads()
+
+                # 1. local scan of this segment from h = 0, keeping a_t and b_t
+                for j in range(NPT):
+                    h[j] = zero
+                    prod[j] = one
+                for k in range(K):
+                    t = row0 + _u32(k)
+                    step = s_step[t, lane]
+                    step_u = s_step_u[t, lane]
+                    for j in range(NPT):
+                        a = math.exp2(step * A2[j])
+                        b = step_u * s_B[t, col0 + _u32(j)]
+                        decay[k, j] = a
+                        drive[k, j] = b
+                        h[j] = a * h[j] + b
+                        prod[j] = prod[j] * a
+                # the carried state comes first: (1, carry) ∘ (Π a, h) = (Π a, Π a · carry + h)
+                if seg == 0:
+                    for j in range(NPT):
+                        h[j] = prod[j] * carry_in[j] + h[j]
+
+                # 2. scan of the segment aggregates across the block
+                last = _segment_scan(s_scan_a, s_scan_h, prod, h, seg, col0, lane, NPT, S, ROUNDS, False)
+                for j in range(NPT):
+                    if seg > 0:
+                        carry_in[j] = s_scan_h[last, seg - _u32(1), col0 + _u32(j), lane]
+                    if seg == S - 1:
+                        s_carry[col0 + _u32(j), lane] = h[j]      # the state entering the next chunk
+                        n = group * NP + nt * NPT + j
+                        if chunk == n_chunks - 1 and d_ok and n < N:
+                            final_state[batch, d, n] = h[j]
+
+                # 3. fix-up: replay the steps from the segment's true starting state
+                for j in range(NPT):
+                    h[j] = carry_in[j]
+                for k in range(K):
+                    t = row0 + _u32(k)
+                    y = zero
+                    for j in range(NPT):
+                        h[j] = decay[k, j] * h[j] + drive[k, j]
+                        y += s_C[t, col0 + _u32(j)] * h[j]
+                    s_y[t, nt, lane] = y
+                cuda.syncthreads()
+
+                # y = Σ over state threads, then the skip connection and the gate
+                for index in range(tid, CH * DG, THREADS):
+                    t_local = index // DG
+                    ln = index % DG
+                    t = t_first + t_local
+                    dd = d_first + ln
+                    if t < T and dd < channels:
+                        y = zero
+                        for q in range(NT):
+                            y += s_y[t_local, q, ln]
+                        if group > 0:
+                            y += out[batch, t, dd]
+                        if group == n_groups - 1:
+                            y += Dskip[dd] * s_u[t_local, ln]
+                            if has_z:
+                                gate = z[batch, t, dd]
+                                y = y * gate * _sigmoid(gate, one)
+                        out[batch, t, dd] = y
+
+    return forward_kernel
+
+
+if cuda is not None:
+    @cuda.jit(device=True)
+    def _stage_inputs(u, delta, bias, Bm, Cm, s_step, s_step_u, s_u, s_B, s_C,
+                      batch, t_first, d_first, n_first, softplus, threshold, zero):
+        """Copy one chunk of the inputs into shared memory, Δ already through bias and softplus.
+
+        Steps past T and channels past D get Δ = 0, u = 0 (the identity step a = 1, b = 0); states
+        past N get B = C = 0. Consecutive threads read consecutive channels (coalesced).
+        """
+        tid = cuda.threadIdx.x
+        threads = cuda.blockDim.x
+        CH = s_step.shape[0]
+        DG = s_step.shape[1]
+        NP = s_B.shape[1]
+        T = u.shape[1]
+        channels = u.shape[2]
+        N = Bm.shape[2]
+        for index in range(tid, CH * DG, threads):
+            t_local = index // DG
+            ln = index % DG
+            t = t_first + t_local
+            dd = d_first + ln
+            step = zero
+            value = zero
+            if t < T and dd < channels:
+                step = delta[batch, t, dd] + bias[dd]
+                if softplus:
+                    step = _softplus(step, threshold)
+                value = u[batch, t, dd]
+            s_step[t_local, ln] = step
+            s_step_u[t_local, ln] = step * value
+            s_u[t_local, ln] = value
+        for index in range(tid, CH * NP, threads):
+            t_local = index // NP
+            nl = index % NP
+            t = t_first + t_local
+            n = n_first + nl
+            if t < T and n < N:
+                s_B[t_local, nl] = Bm[batch, t, n]
+                s_C[t_local, nl] = Cm[batch, t, n]
+            else:
+                s_B[t_local, nl] = zero
+                s_C[t_local, nl] = zero
+
+    @cuda.jit(device=True)
+    def _segment_scan(s_a, s_h, prod, h, seg, col0, lane, NPT, S, ROUNDS, reverse):
+        """Inclusive Hillis-Steele scan of the segments' (Π a, h) pairs with ∘, across the block.
+
+        prod, h (NPT,) hold this thread's segment aggregate and receive its inclusive prefix.
+        Round r combines each segment with the one 2^r before it (after it when reverse: the
+        adjoint scan runs from the last segment to the first); the earlier element goes on the
+        left of ∘. Returns the index of the buffer holding the results.
+        """
+        for j in range(NPT):
+            s_a[0, seg, col0 + _u32(j), lane] = prod[j]
+            s_h[0, seg, col0 + _u32(j), lane] = h[j]
+        cuda.syncthreads()
+        current = 0
+        offset = 1
+        for _ in range(ROUNDS):
+            if reverse:
+                has_partner = seg + offset < S
+                partner = _u32(seg + offset)
+            else:
+                has_partner = seg >= offset
+                partner = _u32(seg - offset) if has_partner else _u32(0)
+            for j in range(NPT):
+                if has_partner:
+                    a_before = s_a[current, partner, col0 + _u32(j), lane]
+                    h_before = s_h[current, partner, col0 + _u32(j), lane]
+                    h[j] = prod[j] * h_before + h[j]     # (a1, h1) ∘ (a2, h2) = (a1 a2, a2 h1 + h2)
+                    prod[j] = a_before * prod[j]
+                s_a[1 - current, seg, col0 + _u32(j), lane] = prod[j]
+                s_h[1 - current, seg, col0 + _u32(j), lane] = h[j]
+            cuda.syncthreads()
+            current = 1 - current
+            offset *= 2
+        return current
+
+
+# ----------------------------------------------------------------------------------------------
+# backward kernel
+
+def _backward_kernel(dtype, config, N):
+    NT, NPT = _layout(config, N)
+    DG, S, K = config.channels, config.bwd_segments, config.bwd_steps
+    key = ("bwd", np.dtype(dtype).name, DG, NT, NPT, S, K, config.bwd_min_blocks)
+    if key not in _KERNELS:
+        _KERNELS[key] = _make_backward_kernel(_numba_type(dtype), DG, NT, NPT, S, K, config.bwd_min_blocks)
+    return _KERNELS[key], DG * NT * S
+
+
+def _make_backward_kernel(real, DG, NT, NPT, S, K, min_blocks):
+    NP = NT * NPT
+    CH = S * K
+    THREADS = DG * NT * S
+    ROUNDS = _rounds(S)
+
+    @_kernel_jit(THREADS, min_blocks)
+    def backward_kernel(dout, u, delta, A, Bm, Cm, Dskip, z, bias, carries,
+                        du, ddelta, dz, dA, dBm, dCm, dD, dbias,
+                        has_z, softplus):
+        batch = cuda.blockIdx.y
+        d_first = cuda.blockIdx.x * DG
+        tid = cuda.threadIdx.x
+        lane = _u32(tid % DG)            # unsigned shared-memory indices, as in the forward
+        nt = _u32((tid // DG) % NT)
+        seg = _u32(tid // (DG * NT))
+        row0 = _u32(seg * K)
+        col0 = _u32(nt * NPT)
+        T = u.shape[1]
+        channels = u.shape[2]
+        N = A.shape[1]
+        d = d_first + lane
+        d_ok = d < channels
+        zero = real(0)
+        one = real(1)
+        log2e = real(LOG2E)
+        threshold = real(SOFTPLUS_THRESHOLD)
+
+        s_step = cuda.shared.array((CH, DG), real)
+        s_step_u = cuda.shared.array((CH, DG), real)
+        s_u = cuda.shared.array((CH, DG), real)
+        s_dy = cuda.shared.array((CH, DG), real)       # dL/dy = dout · SiLU(z)
+        s_B = cuda.shared.array((CH, NP), real)
+        s_C = cuda.shared.array((CH, NP), real)
+        s_scan_a = cuda.shared.array((2, S, NP, DG), real)
+        s_scan_h = cuda.shared.array((2, S, NP, DG), real)
+        s_from_later = cuda.shared.array((NP, DG), real)   # a_t g_t of the next chunk's first step
+        s_dB = cuda.shared.array((CH, NP), real)        # Σ over the block's channels, then atomics
+        s_dC = cuda.shared.array((CH, NP), real)
+        s_gB = cuda.shared.array((CH, DG), real)        # Σ_n g B           (→ du, dΔ)
+        s_gAh = cuda.shared.array((CH, DG), real)       # Σ_n g A a h_{t-1} (→ dΔ)
+        s_y = cuda.shared.array((CH, DG), real)         # Σ_n C h           (→ dz)
+        s_zero = cuda.shared.array(1, _u32)             # 0, re-read every chunk (see below)
+        if tid == 0:
+            s_zero[0] = 0
+
+        decay = cuda.local.array((K, NPT), real)
+        states = cuda.local.array((K, NPT), real)       # b_t, then h_t once the fix-up has run
+        A_row = cuda.local.array(NPT, real)
+        A2 = cuda.local.array(NPT, real)
+        h = cuda.local.array(NPT, real)
+        prod = cuda.local.array(NPT, real)
+        h_start = cuda.local.array(NPT, real)
+        later = cuda.local.array(NPT, real)
+        dA_sum = cuda.local.array(NPT, real)
+
+        dD_sum = zero        # this thread's channel is the same in every epilogue below
+        dbias_sum = zero
+
+        n_chunks = (T + CH - 1) // CH
+        n_groups = (N + NP - 1) // NP
+        for group in range(n_groups):
+            for j in range(NPT):
+                n = group * NP + nt * NPT + j
+                A_row[j] = A[d, n] if (d_ok and n < N) else zero
+                A2[j] = A_row[j] * log2e
+                dA_sum[j] = zero
+                if seg == S - 1:
+                    s_from_later[col0 + _u32(j), lane] = zero   # no gradient flows out of the final state
+
+            for chunk_back in range(n_chunks):
+                chunk = n_chunks - 1 - chunk_back
+                t_first = chunk * CH
+                cuda.syncthreads()
+                # Reading the row offset from shared memory after the barrier makes it a value of
+                # this iteration: the compiler then forms the ~50 shared-memory addresses of the
+                # unrolled loops (most of them atomics) on the fly instead of hoisting them out of
+                # the chunk loop into registers, which would cost ~100 registers per thread.
+                row0 = _u32(seg * K) + s_zero[0]
+                _stage_inputs(u, delta, bias, Bm, Cm, s_step, s_step_u, s_u, s_B, s_C,
+                              batch, t_first, d_first, group * NP, softplus, threshold, zero)
+                _stage_output_grad(dout, z, s_dy, s_dB, s_dC, s_gB, s_gAh, s_y,
+                                   batch, t_first, d_first, has_z, zero, one)
+                for j in range(NPT):
+                    n = group * NP + nt * NPT + j
+                    if seg == 0:
+                        h_start[j] = carries[batch, chunk, n, d] if (d_ok and n < N) else zero
+                    if seg == S - 1:
+                        later[j] = s_from_later[col0 + _u32(j), lane]
+                cuda.syncthreads()
+
+                # rebuild the chunk's states: local scan, scan across segments, fix-up
+                for j in range(NPT):
+                    h[j] = zero
+                    prod[j] = one
+                for k in range(K):
+                    t = row0 + _u32(k)
+                    step = s_step[t, lane]
+                    step_u = s_step_u[t, lane]
+                    for j in range(NPT):
+                        a = math.exp2(step * A2[j])
+                        b = step_u * s_B[t, col0 + _u32(j)]
+                        decay[k, j] = a
+                        states[k, j] = b
+                        h[j] = a * h[j] + b
+                        prod[j] = prod[j] * a
+                if seg == 0:
+                    for j in range(NPT):
+                        h[j] = prod[j] * h_start[j] + h[j]
+                last = _segment_scan(s_scan_a, s_scan_h, prod, h, seg, col0, lane, NPT, S, ROUNDS, False)
+                for j in range(NPT):
+                    if seg > 0:
+                        h_start[j] = s_scan_h[last, seg - _u32(1), col0 + _u32(j), lane]
+                    h[j] = h_start[j]
+                    prod[j] = one
+                for k in range(K):
+                    t = row0 + _u32(k)
+                    y = zero
+                    for j in range(NPT):
+                        h[j] = decay[k, j] * h[j] + states[k, j]
+                        states[k, j] = h[j]
+                        prod[j] = prod[j] * decay[k, j]
+                        y += s_C[t, col0 + _u32(j)] * h[j]
+                    if has_z:
+                        cuda.atomic.add(s_y, (t, lane), y)
+
+                # adjoint, locally from a_{t+1} g_{t+1} = 0 at the segment's end:
+                # g_t = C_t dy_t + (a_{t+1} g_{t+1}); what leaves the segment is a_first g_first
+                for j in range(NPT):
+                    h[j] = zero
+                for kk in range(K):
+                    k = K - 1 - kk
+                    t = row0 + _u32(k)
+                    dy = s_dy[t, lane]
+                    for j in range(NPT):
+                        g = h[j] + s_C[t, col0 + _u32(j)] * dy
+                        h[j] = decay[k, j] * g
+                if seg == S - 1:
+                    for j in range(NPT):
+                        h[j] = prod[j] * later[j] + h[j]
+                cuda.syncthreads()    # everyone has read the forward scan's results
+                last = _segment_scan(s_scan_a, s_scan_h, prod, h, seg, col0, lane, NPT, S, ROUNDS, True)
+                for j in range(NPT):
+                    if seg < S - 1:
+                        later[j] = s_scan_h[last, seg + _u32(1), col0 + _u32(j), lane]
+                    if seg == 0:
+                        s_from_later[col0 + _u32(j), lane] = h[j]   # into the previous chunk
+
+                # replay the adjoint from the true a_{t+1} g_{t+1} and read the gradients off
+                for kk in range(K):
+                    k = K - 1 - kk
+                    t = row0 + _u32(k)
+                    step = s_step[t, lane]
+                    value = s_u[t, lane]
+                    step_u = s_step_u[t, lane]
+                    dy = s_dy[t, lane]
+                    gB = zero
+                    gAh = zero
+                    for j in range(NPT):
+                        nl = col0 + _u32(j)
+                        Bv = s_B[t, nl]
+                        g = later[j] + s_C[t, nl] * dy
+                        if k > 0:
+                            h_before = states[k - 1, j]
+                        else:
+                            h_before = h_start[j]
+                        decayed = decay[k, j] * h_before          # a_t h_{t-1}
+                        gB += g * Bv
+                        gAh += g * A_row[j] * decayed
+                        dA_sum[j] += g * step * decayed
+                        cuda.atomic.add(s_dB, (t, nl), g * step_u)
+                        cuda.atomic.add(s_dC, (t, nl), dy * states[k, j])
+                        later[j] = decay[k, j] * g
+                    cuda.atomic.add(s_gB, (t, lane), gB)
+                    cuda.atomic.add(s_gAh, (t, lane), gAh)
+                cuda.syncthreads()
+
+                # per (t, d): du, dΔ, dz; per (t, n): dB, dC into global memory
+                last_group = group == n_groups - 1
+                for index in range(tid, CH * DG, THREADS):
+                    t_local = index // DG
+                    ln = index % DG
+                    t = t_first + t_local
+                    dd = d_first + ln
+                    if t < T and dd < channels:
+                        gB = s_gB[t_local, ln]
+                        gAh = s_gAh[t_local, ln]
+                        y = s_y[t_local, ln]
+                        if group > 0:          # earlier state groups left their partial sums here
+                            gB += du[batch, t, dd]
+                            gAh += ddelta[batch, t, dd]
+                            if has_z:
+                                y += dz[batch, t, dd]
+                        if last_group:
+                            value = s_u[t_local, ln]
+                            dy = s_dy[t_local, ln]
+                            step_grad = value * gB + gAh
+                            if softplus:
+                                x = delta[batch, t, dd] + bias[dd]
+                                if x <= threshold:
+                                    step_grad = step_grad * _sigmoid(x, one)
+                            du[batch, t, dd] = s_step[t_local, ln] * gB + Dskip[dd] * dy
+                            ddelta[batch, t, dd] = step_grad
+                            dD_sum += dy * value
+                            dbias_sum += step_grad
+                            if has_z:
+                                gate = z[batch, t, dd]
+                                sig = _sigmoid(gate, one)
+                                y += Dskip[dd] * value
+                                dz[batch, t, dd] = dout[batch, t, dd] * y * sig * (one + gate * (one - sig))
+                        else:
+                            du[batch, t, dd] = gB
+                            ddelta[batch, t, dd] = gAh
+                            if has_z:
+                                dz[batch, t, dd] = y
+                for index in range(tid, CH * NP, THREADS):
+                    t_local = index // NP
+                    nl = index % NP
+                    t = t_first + t_local
+                    n = group * NP + nl
+                    if t < T and n < N:
+                        cuda.atomic.add(dBm, (batch, t, n), s_dB[t_local, nl])
+                        cuda.atomic.add(dCm, (batch, t, n), s_dC[t_local, nl])
+
+            for j in range(NPT):
+                n = group * NP + nt * NPT + j
+                if d_ok and n < N:
+                    cuda.atomic.add(dA, (d, n), dA_sum[j])
+
+        dd = d_first + tid % DG
+        if dd < channels:
+            cuda.atomic.add(dD, dd, dD_sum)
+            cuda.atomic.add(dbias, dd, dbias_sum)
+
+    return backward_kernel
+
+
+if cuda is not None:
+    @cuda.jit(device=True)
+    def _stage_output_grad(dout, z, s_dy, s_dB, s_dC, s_gB, s_gAh, s_y, batch, t_first, d_first,
+                           has_z, zero, one):
+        """dy = dout · SiLU(z) (or dout) for one chunk into shared memory; zero the chunk's sums."""
+        tid = cuda.threadIdx.x
+        threads = cuda.blockDim.x
+        CH = s_dy.shape[0]
+        DG = s_dy.shape[1]
+        NP = s_dB.shape[1]
+        T = dout.shape[1]
+        channels = dout.shape[2]
+        for index in range(tid, CH * DG, threads):
+            t_local = index // DG
+            ln = index % DG
+            t = t_first + t_local
+            dd = d_first + ln
+            dy = zero
+            if t < T and dd < channels:
+                dy = dout[batch, t, dd]
+                if has_z:
+                    gate = z[batch, t, dd]
+                    dy = dy * gate * _sigmoid(gate, one)
+            s_dy[t_local, ln] = dy
+            s_gB[t_local, ln] = zero
+            s_gAh[t_local, ln] = zero
+            s_y[t_local, ln] = zero
+        for index in range(tid, CH * NP, threads):
+            t_local = index // NP
+            nl = index % NP
+            s_dB[t_local, nl] = zero
+            s_dC[t_local, nl] = zero
+
+
+# ----------------------------------------------------------------------------------------------
+# host wrappers
+
+def _dtype_name(array):
+    return np.dtype(array.dtype).name
+
+
+def forward(u, delta, A, Bm, Cm, D=None, z=None, delta_bias=None, delta_softplus=False, chunk_size=64,
+            initial_state=None, return_state=False):
+    """Selective scan on the GPU; same arguments and results as minilm.ops.selective_scan.forward.
+
+    u, delta: (B, T, D); A: (D, N); Bm, Cm: (B, T, N); D, delta_bias: (D,) or None; z: (B, T, D) or
+    None; initial_state: (B, D, N) or None. NumPy arrays or CUDA arrays (Numba, CuPy, PyTorch), all
+    float32 (fast) or all float64; results come back in the kind of u. chunk_size is accepted for
+    signature compatibility: the kernels use their own chunk (ScanConfig). Returns (out, cache) or
+    ((out, final_state), cache) with return_state. Gradients do not flow into initial_state.
+    """
+    kind = _device.array_kind(u)
+    u_d = _device.to_device("u", u)
+    dtype = u_d.dtype
+    name = _dtype_name(u_d)
+    config = CONFIGS[name].check()
+    delta_d = _device.to_device("delta", delta)
+    A_d = _device.to_device("A", A)
+    B_d = _device.to_device("Bm", Bm)
+    C_d = _device.to_device("Cm", Cm)
+    for label, array in (("delta", delta_d), ("A", A_d), ("Bm", B_d), ("Cm", C_d)):
+        if array.dtype != dtype:
+            raise TypeError(f"{label} must have the same dtype as u ({dtype}), got {array.dtype}")
+    batch, T, channels = u_d.shape
+    N = A_d.shape[1]
+    D_d = _device.to_device("D", D) if D is not None else _device.zeros((channels,), dtype)
+    bias_d = _device.to_device("delta_bias", delta_bias) if delta_bias is not None else _device.zeros((channels,), dtype)
+    z_d = _device.to_device("z", z) if z is not None else _device.zeros((1, 1, 1), dtype)
+    h0_d = _device.to_device("initial_state", initial_state) if initial_state is not None \
+        else _device.zeros((1, 1, 1), dtype)
+
+    n_chunks = -(-T // config.chunk)
+    out = _device.empty((batch, T, channels), dtype)
+    carries = _device.empty((batch, n_chunks, N, channels), dtype)
+    final_state = _device.empty((batch, channels, N), dtype)
+    kernel, threads = _forward_kernel(dtype, config, N)
+    grid = (-(-channels // config.channels), batch)
+    kernel[grid, threads](u_d, delta_d, A_d, B_d, C_d, D_d, z_d, bias_d, h0_d, out, carries, final_state,
+                          int(z is not None), int(initial_state is not None), int(bool(delta_softplus)))
+
+    cache = {"backend": "cuda", "kind": kind, "config": config,
+             "u": u_d, "delta": delta_d, "A": A_d, "Bm": B_d, "Cm": C_d, "D": D_d, "z": z_d,
+             "delta_bias": bias_d, "carries": carries, "delta_softplus": bool(delta_softplus),
+             "has_D": D is not None, "has_z": z is not None, "has_delta_bias": delta_bias is not None}
+    out_user = _device.from_device(out, kind)
+    if return_state:
+        return (out_user, _device.from_device(final_state, kind)), cache
+    return out_user, cache
+
+
+def backward(dout, cache):
+    """Gradients (du, ddelta, dA, dBm, dCm, dD, dz, ddelta_bias), None where the input was None.
+
+    dout: (B, T, D) like the forward's u; results come back in the kind of dout.
+    """
+    kind = _device.array_kind(dout)
+    dout_d = _device.to_device("dout", dout)
+    u_d = cache["u"]
+    if tuple(dout_d.shape) != tuple(u_d.shape):
+        raise ValueError(f"dout must have shape {tuple(u_d.shape)}, got {tuple(dout_d.shape)}")
+    if dout_d.dtype != u_d.dtype:
+        raise TypeError(f"dout must have dtype {u_d.dtype}, got {dout_d.dtype}")
+    dtype = u_d.dtype
+    config = cache["config"]
+    batch, T, channels = u_d.shape
+    N = cache["A"].shape[1]
+
+    du = _device.empty((batch, T, channels), dtype)
+    ddelta = _device.empty((batch, T, channels), dtype)
+    dz = _device.empty((batch, T, channels), dtype) if cache["has_z"] else _device.zeros((1, 1, 1), dtype)
+    dA = _device.zeros((channels, N), dtype)
+    dBm = _device.zeros((batch, T, N), dtype)
+    dCm = _device.zeros((batch, T, N), dtype)
+    dD = _device.zeros((channels,), dtype)
+    dbias = _device.zeros((channels,), dtype)
+    kernel, threads = _backward_kernel(dtype, config, N)
+    grid = (-(-channels // config.channels), batch)
+    kernel[grid, threads](dout_d, u_d, cache["delta"], cache["A"], cache["Bm"], cache["Cm"], cache["D"],
+                          cache["z"], cache["delta_bias"], cache["carries"],
+                          du, ddelta, dz, dA, dBm, dCm, dD, dbias,
+                          int(cache["has_z"]), int(cache["delta_softplus"]))
+
+    def back(array, present=True):
+        return _device.from_device(array, kind) if present else None
+
+    return (back(du), back(ddelta), back(dA), back(dBm), back(dCm), back(dD, cache["has_D"]),
+            back(dz, cache["has_z"]), back(dbias, cache["has_delta_bias"]))

@@ -1,0 +1,108 @@
+"""The linear-attention CUDA kernels against the NumPy reference (minilm.ops.linear_attention).
+
+Runs on a GPU or under the CUDA simulator (see conftest.py). The tile (= chunk length) is shrunk to
+8 so that tiny inputs span several chunks, with T, Dk and Dv not multiples of it. Output, final
+state and the gradients of q, k, v (and log_decay) are compared on fresh random inputs,
+scale-aware: max|cuda - ref| / max|ref| <= 1e-5 in float32 and 1e-10 in float64.
+"""
+import numpy as np
+import pytest
+
+from minilm.ops import linear_attention as reference
+
+cuda_la = pytest.importorskip("minilm.kernels.cuda.linear_attention")
+from minilm.kernels.cuda import _device  # noqa: E402
+
+TOLERANCE = {np.float32: 1e-5, np.float64: 1e-10}
+
+
+@pytest.fixture(autouse=True)
+def small_tiles():
+    saved = dict(cuda_la.TILES)
+    for dtype in ("float32", "float64"):
+        cuda_la.set_tile(dtype, 8)
+    yield
+    cuda_la.TILES.clear()
+    cuda_la.TILES.update(saved)
+
+
+def make_inputs(B, H, T, Dk, Dv, dtype, seed, decay=None, state=False):
+    rng = np.random.default_rng(seed)
+    q, k = (rng.standard_normal((B, H, T, Dk)).astype(dtype) for _ in range(2))
+    v = rng.standard_normal((B, H, T, Dv)).astype(dtype)
+    log_decay = None
+    if decay == "head":
+        log_decay = -rng.uniform(0.01, 0.5, H).astype(dtype)
+    elif decay == "step":
+        log_decay = -rng.uniform(0.0, 0.5, (B, H, T)).astype(dtype)
+    initial_state = rng.standard_normal((B, H, Dk, Dv)).astype(dtype) if state else None
+    return (q, k, v), dict(log_decay=log_decay, initial_state=initial_state)
+
+
+def relative_error(actual, expected):
+    actual = np.asarray(actual, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    return float(np.max(np.abs(actual - expected)) / max(np.max(np.abs(expected)), 1e-30))
+
+
+@pytest.mark.parametrize("B, H, T, Dk, Dv, dtype, seed, options", [
+    (1, 1, 1, 3, 2, np.float64, 0, {}),                                            # T = 1
+    (1, 2, 19, 9, 5, np.float64, 1, dict(decay="step", state=True, scale=0.5)),    # 3 chunks, last partial
+    (2, 1, 11, 4, 10, np.float64, 2, dict(feature_map="elu1", decay="head")),
+    (1, 1, 9, 8, 8, np.float32, 3, dict(feature_map="relu", state=True)),
+    (2, 2, 8, 5, 3, np.float32, 4, dict(decay="step")),
+])
+def test_matches_reference(B, H, T, Dk, Dv, dtype, seed, options):
+    options = dict(options)
+    decay, state = options.pop("decay", None), options.pop("state", False)
+    (q, k, v), inputs = make_inputs(B, H, T, Dk, Dv, dtype, seed, decay, state)
+    kwargs = dict(options, return_state=True, **inputs)
+    (out_ref, final_ref), cache_ref = reference.forward(q, k, v, mode="chunked", chunk_size=4, **kwargs)
+    (out, final), cache = cuda_la.forward(q, k, v, **kwargs)
+    assert cache["backend"] == "cuda"
+    tolerance = TOLERANCE[dtype]
+    assert out.dtype == dtype and out.shape == out_ref.shape
+    assert relative_error(out, out_ref) <= tolerance
+    assert relative_error(final, final_ref) <= tolerance
+
+    do = np.random.default_rng(seed + 1).standard_normal(out_ref.shape).astype(dtype)
+    grads_ref = reference.backward(do, cache_ref)
+    grads = cuda_la.backward(do, cache)
+    assert len(grads) == len(grads_ref) == (3 if decay is None else 4)
+    for name, grad, grad_ref in zip(("dq", "dk", "dv", "dlog_decay"), grads, grads_ref):
+        assert grad.dtype == dtype and grad.shape == grad_ref.shape, name
+        error = relative_error(grad, grad_ref)
+        assert error <= tolerance, f"{name}: relative error {error:.2e}"
+
+
+def test_device_arrays_in_device_arrays_out():
+    from numba import cuda
+    (q, k, v), _ = make_inputs(1, 1, 6, 3, 2, np.float32, 5)
+    out_ref, cache_ref = reference.forward(q, k, v)
+    out, cache = cuda_la.forward(*(cuda.to_device(x) for x in (q, k, v)))
+    assert _device.array_kind(out) == "device"
+    assert relative_error(out.copy_to_host(), out_ref) <= 1e-5
+    do = np.ones(out_ref.shape, np.float32)
+    for grad, grad_ref in zip(cuda_la.backward(cuda.to_device(do), cache), reference.backward(do, cache_ref)):
+        assert _device.array_kind(grad) == "device"
+        assert relative_error(grad.copy_to_host(), grad_ref) <= 1e-5
+
+
+@pytest.mark.parametrize("options, supported", [
+    (dict(), True),
+    (dict(feature_map="elu1"), True),
+    (dict(feature_map="relu"), True),
+    (dict(feature_map="taylor2"), False),
+    (dict(normalize=True), False),
+    (dict(causal=False), False),
+])
+def test_supports(options, supported):
+    ok, reason = cuda_la.supports(**options)
+    assert ok is supported
+    assert ok or reason
+
+
+def test_unsupported_options_raise():
+    (q, k, v), _ = make_inputs(1, 1, 2, 2, 2, np.float32, 6)
+    with pytest.raises(ValueError, match="normalize"):
+        cuda_la.forward(q, k, v, normalize=True)

@@ -1,0 +1,141 @@
+"""The selective-scan CUDA kernels against the NumPy reference (minilm.ops.selective_scan).
+
+Runs on a GPU or under the CUDA simulator (see conftest.py). Blocks are shrunk so that tiny inputs
+still cover every path: several chunks with the last one partial, several time segments (rounds of
+the segment scan), channels and states that do not fill a block, states in several groups.
+Forward output, final state and all eight gradients are compared on fresh random inputs,
+scale-aware: max|cuda - ref| / max|ref| <= 1e-5 in float32 and 1e-10 in float64.
+"""
+import numpy as np
+import pytest
+
+from minilm.ops import selective_scan as reference
+
+cuda_scan = pytest.importorskip("minilm.kernels.cuda.selective_scan")
+from minilm.kernels.cuda import _device  # noqa: E402
+
+TOLERANCE = {np.float32: 1e-5, np.float64: 1e-10}
+
+# channels, state_threads, states_per_thread, fwd_segments, fwd_steps, bwd_segments, bwd_steps
+SMALL = dict(channels=2, state_threads=2, states_per_thread=2, fwd_segments=2, fwd_steps=2,
+             bwd_segments=2, bwd_steps=2)
+FOUR_SEGMENTS = dict(channels=1, state_threads=1, states_per_thread=2, fwd_segments=4, fwd_steps=1,
+                     bwd_segments=4, bwd_steps=1)
+
+
+@pytest.fixture
+def blocks():
+    """Set a small block shape for both dtypes for one test, then put the defaults back."""
+    saved = dict(cuda_scan.CONFIGS)
+
+    def use(shape):
+        for dtype in ("float32", "float64"):
+            cuda_scan.set_config(dtype, **shape)
+
+    yield use
+    cuda_scan.CONFIGS.clear()
+    cuda_scan.CONFIGS.update(saved)
+
+
+def make_inputs(B, T, D, N, dtype, seed, gate=True, skip=True, bias=True, state=True):
+    rng = np.random.default_rng(seed)
+
+    def normal(*shape, scale=1.0):
+        return (scale * rng.standard_normal(shape)).astype(dtype)
+
+    arrays = dict(u=normal(B, T, D), delta=normal(B, T, D, scale=0.5),
+                  A=(-np.exp(rng.standard_normal((D, N)))).astype(dtype),
+                  Bm=normal(B, T, N), Cm=normal(B, T, N))
+    options = dict(D=normal(D) if skip else None, z=normal(B, T, D) if gate else None,
+                   delta_bias=normal(D, scale=0.1) if bias else None,
+                   initial_state=normal(B, D, N) if state else None)
+    return arrays, options
+
+
+def relative_error(actual, expected):
+    actual = np.asarray(actual, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    return float(np.max(np.abs(actual - expected)) / max(np.max(np.abs(expected)), 1e-30))
+
+
+def compare(B, T, D, N, dtype, seed, softplus=True, **flags):
+    arrays, options = make_inputs(B, T, D, N, dtype, seed, **flags)
+    if not softplus:
+        arrays["delta"] = np.abs(arrays["delta"])
+    kwargs = dict(options, delta_softplus=softplus, return_state=True)
+    (out_ref, final_ref), cache_ref = reference.forward(*arrays.values(), mode="chunked", chunk_size=3, **kwargs)
+    (out, final), cache = cuda_scan.forward(*arrays.values(), **kwargs)
+    assert cache["backend"] == "cuda"
+    assert out.dtype == dtype and out.shape == out_ref.shape
+    tolerance = TOLERANCE[dtype]
+    assert relative_error(out, out_ref) <= tolerance
+    assert relative_error(final, final_ref) <= tolerance
+
+    dout = np.random.default_rng(seed + 1).standard_normal(out_ref.shape).astype(dtype)
+    grads_ref = reference.backward(dout, cache_ref)
+    grads = cuda_scan.backward(dout, cache)
+    names = ("du", "ddelta", "dA", "dBm", "dCm", "dD", "dz", "ddelta_bias")
+    for name, grad, grad_ref in zip(names, grads, grads_ref):
+        assert (grad is None) == (grad_ref is None), name
+        if grad is not None:
+            assert grad.dtype == dtype and grad.shape == grad_ref.shape, name
+            error = relative_error(grad, grad_ref)
+            assert error <= tolerance, f"{name}: relative error {error:.2e}"
+
+
+@pytest.mark.parametrize("B, T, D, N, dtype, seed, flags", [
+    (1, 1, 1, 1, np.float64, 0, {}),                                         # T = 1, B = 1, N = 1
+    (2, 9, 3, 3, np.float64, 1, {}),                                         # T not a multiple of the chunk (4)
+    (1, 7, 2, 5, np.float64, 2, dict(gate=False, state=False)),              # 5 states: two groups of 4
+    (2, 6, 3, 2, np.float32, 3, dict(softplus=False, bias=False, skip=False)),
+    (1, 8, 2, 1, np.float32, 4, dict(gate=False)),
+])
+def test_matches_reference(blocks, B, T, D, N, dtype, seed, flags):
+    blocks(SMALL)
+    compare(B, T, D, N, dtype, seed, **flags)
+
+
+def test_segment_scan_with_several_rounds(blocks):
+    """Four segments per chunk: the segment scan takes two Hillis-Steele rounds each way."""
+    blocks(FOUR_SEGMENTS)
+    compare(1, 7, 2, 2, np.float64, 5)
+
+
+def test_odd_block_shape(blocks):
+    """Three channels and three state threads of one state each, chunks of 2 x 3 steps."""
+    blocks(dict(channels=3, state_threads=3, states_per_thread=1, fwd_segments=2, fwd_steps=3,
+                bwd_segments=3, bwd_steps=2))
+    compare(1, 8, 4, 4, np.float32, 8)
+
+
+def test_device_arrays_in_device_arrays_out(blocks):
+    """Numba device arrays go in without a copy and come back as device arrays."""
+    from numba import cuda
+    blocks(SMALL)
+    arrays, options = make_inputs(1, 5, 2, 2, np.float32, 6)
+    (out_ref, final_ref), cache_ref = reference.forward(*arrays.values(), return_state=True, **options)
+    on_device = {name: cuda.to_device(value) for name, value in arrays.items()}
+    options_device = {name: (None if value is None else cuda.to_device(value)) for name, value in options.items()}
+    (out, final), cache = cuda_scan.forward(*on_device.values(), return_state=True, **options_device)
+    assert _device.array_kind(out) == "device" and _device.array_kind(final) == "device"
+    assert relative_error(out.copy_to_host(), out_ref) <= 1e-5
+    assert relative_error(final.copy_to_host(), final_ref) <= 1e-5
+    dout = np.ones(out_ref.shape, np.float32)
+    grads = cuda_scan.backward(cuda.to_device(dout), cache)
+    grads_ref = reference.backward(dout, cache_ref)
+    for grad, grad_ref in zip(grads, grads_ref):
+        assert _device.array_kind(grad) == "device"
+        assert relative_error(grad.copy_to_host(), grad_ref) <= 1e-5
+
+
+def test_every_option_is_supported():
+    assert cuda_scan.supports(delta_softplus=True, z=True)[0]
+    assert cuda_scan.available()[0]
+
+
+def test_mismatched_dtypes_are_rejected(blocks):
+    blocks(SMALL)
+    arrays, _ = make_inputs(1, 3, 1, 1, np.float32, 7)
+    arrays["A"] = arrays["A"].astype(np.float64)
+    with pytest.raises(TypeError, match="A must have the same dtype"):
+        cuda_scan.forward(*arrays.values())
