@@ -4,6 +4,9 @@
 
 Finite differences are centred, (f(x + h) - f(x - h)) / 2h, in float64.
 """
+import functools
+import types
+
 import numpy as np
 
 
@@ -47,3 +50,15 @@ def check_op_gradients(forward, backward, inputs, wrt, seed=0, h=1e-6, **options
         return float(np.sum(forward(*inputs, **options)[0] * weights))
 
     return {i: rel_error(grads[i], numerical_grad(loss, inputs[i], h)) for i in wrt}
+
+
+def numpy_reference(op_module):
+    """The op module with backend="numpy" as the default of its forward.
+
+    The ops default to backend="auto", which runs a fast kernel where one exists; tests of the
+    reference itself (and tests comparing a kernel against it) must run the NumPy code. A backend
+    passed explicitly still wins.
+    """
+    members = {name: getattr(op_module, name) for name in dir(op_module) if not name.startswith("__")}
+    members["forward"] = functools.partial(op_module.forward, backend="numpy")
+    return types.SimpleNamespace(**members)

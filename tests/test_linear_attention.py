@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-from minilm.ops import linear_attention as la
+from minilm.ops import linear_attention as linear_attention_op
 from minilm.ops._backend import BackendUnavailable
-from minilm.testing import check_op_gradients
+from minilm.testing import check_op_gradients, numpy_reference
+
+la = numpy_reference(linear_attention_op)
 
 MODES = la.MODES
 FEATURE_MAPS = la.FEATURE_MAPS
@@ -485,10 +487,12 @@ def test_rejects_order_dependent_options_when_noncausal():
         la.forward(q, k, v, causal=False, return_state=True)
 
 
-def test_backend_numba_raises_until_kernels_exist():
+def test_backend_that_cannot_run_the_options_is_reported():
     q, k, v = good_inputs()
-    with pytest.raises(BackendUnavailable, match="backend='numba'"):
-        la.forward(q, k, v, backend="numba")
+    with pytest.raises(BackendUnavailable, match="backend='numba'.*mode='parallel'"):
+        la.forward(q, k, v, mode="parallel", backend="numba")
+    with pytest.raises(BackendUnavailable, match="backend='numba'.*taylor2"):
+        la.forward(q, k, v, feature_map="taylor2", backend="numba")
     with pytest.raises(ValueError, match="backend must be one of"):
         la.forward(q, k, v, backend="gpu")
 

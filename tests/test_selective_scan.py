@@ -8,9 +8,11 @@ from hypothesis import strategies as st
 from scipy.linalg import expm
 from scipy.special import expit
 
-from minilm.ops import selective_scan as ss
+from minilm.ops import selective_scan as selective_scan_op
 from minilm.ops._backend import BackendUnavailable
-from minilm.testing import check_op_gradients
+from minilm.testing import check_op_gradients, numpy_reference
+
+ss = numpy_reference(selective_scan_op)
 
 INPUT_NAMES = ("u", "delta", "A", "Bm", "Cm", "D", "z", "delta_bias")
 
@@ -357,8 +359,8 @@ BAD_INPUTS = {
     "initial_state-nan": (lambda k: dict(initial_state=with_nan(k["initial_state"])), ValueError, "initial_state"),
     "delta_softplus-not-bool": (lambda k: dict(delta_softplus=1), TypeError, "delta_softplus"),
     "return_state-not-bool": (lambda k: dict(return_state="yes"), TypeError, "return_state"),
-    "backend-numba": (lambda k: dict(backend="numba"), BackendUnavailable, "backend"),
-    "backend-cuda": (lambda k: dict(backend="cuda"), BackendUnavailable, "backend"),
+    "backend-numba-recurrent": (lambda k: dict(backend="numba", mode="recurrent"), BackendUnavailable, "backend"),
+    "backend-cuda-parallel": (lambda k: dict(backend="cuda", mode="parallel"), BackendUnavailable, "backend"),
     "backend-unknown": (lambda k: dict(backend="torch"), ValueError, "backend"),
 }
 

@@ -29,13 +29,9 @@ llm.c's attention layer), so the cache is O(B H Tq Tk) too.
 """
 import numpy as np
 
-from minilm.ops._backend import resolve_backend
+from minilm.ops._backend import kernel_backward, select_kernel
 from minilm.ops._validate import as_float_array, check_bool, check_nonempty_time, check_same_dtype, \
     check_scale, check_shape
-
-# No fast kernels are registered yet: "auto" resolves to the NumPy reference below.
-_KERNELS = {}
-
 
 def causal_mask(Tq, Tk):
     """(Tq, Tk) bool, True where query i may attend key j, i.e. j <= i + (Tk - Tq).
@@ -88,8 +84,8 @@ def _validate(q, k, v, causal, scale, backend):
         raise ValueError(f"with causal=True, q must not have more time steps than k "
                          f"(the queries are the last Tq of the Tk positions): got Tq = {Tq}, Tk = {Tk}")
     scale = check_scale("scale", scale, 1.0 / float(np.sqrt(Dk)))  # a Python float keeps float32 float32
-    backend = resolve_backend(backend, "attention", _KERNELS)
-    return q, k, v, causal, scale, backend
+    kernel = select_kernel(backend, "attention")
+    return q, k, v, causal, scale, kernel
 
 
 def forward(q, k, v, causal=True, scale=None, backend="auto"):
@@ -99,14 +95,17 @@ def forward(q, k, v, causal=True, scale=None, backend="auto"):
     causal: mask future keys; the Tq queries are the last Tq of the Tk positions (Tq <= Tk).
             Without the mask any Tq, Tk is allowed.
     scale:  multiplies q k^T; None means 1 / sqrt(Dk).
-    backend: "auto" | "numpy" | "numba" | "cuda"; only the NumPy reference exists so far.
+    backend: "numpy" (this reference) | "numba" (minilm.kernels.cpu.attention: flash-style tiles,
+             O(T·d) memory) | "auto" (numba) | "cuda" (no kernel yet: raises).
 
     Returns out (B, H, Tq, Dv) in the input dtype, and a cache dict:
         q, k, v  the inputs (references, not copies)
         probs    P, (B, H, Tq, Tk): the softmax probabilities, zero where masked
         scale    the scale actually used
     """
-    q, k, v, causal, scale, backend = _validate(q, k, v, causal, scale, backend)
+    q, k, v, causal, scale, kernel = _validate(q, k, v, causal, scale, backend)
+    if kernel is not None:
+        return kernel.forward(q, k, v, causal=causal, scale=scale)
 
     logits = attention_logits(q, k, scale)
     if causal:
@@ -125,10 +124,13 @@ def backward(dout, cache):
     Returns (dq, dk, dv) with the shapes of q, k, v. Masked entries have P = 0, so they get no
     gradient and no special case is needed.
     """
-    q, k, v, probs, scale = cache["q"], cache["k"], cache["v"], cache["probs"], cache["scale"]
+    q, v = cache["q"], cache["v"]
     dout = as_float_array("dout", dout, 4)
     check_shape("dout", dout, q.shape[:3] + v.shape[3:])
     check_same_dtype([("q", q), ("dout", dout)])
+    if "backend" in cache:
+        return kernel_backward(dout, cache, "attention")
+    k, probs, scale = cache["k"], cache["probs"], cache["scale"]
 
     dv = np.swapaxes(probs, -1, -2) @ dout           # out = P v      -> dv = P^T dout
     dprobs = dout @ np.swapaxes(v, -1, -2)           #                -> dP = dout v^T

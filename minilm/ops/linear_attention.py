@@ -41,7 +41,7 @@ import math
 import numpy as np
 
 from minilm.ops import _validate
-from minilm.ops._backend import resolve_backend
+from minilm.ops._backend import kernel_backward, select_kernel
 
 EPS = 1e-6  # added to the normalizer φ(q)·z; it only matters where the denominator underflows
 MODES = ("parallel", "recurrent", "chunked")
@@ -324,7 +324,6 @@ def _check_arguments(q, k, v, causal, mode, chunk_size, feature_map, scale, norm
     scale = _validate.check_scale("scale", scale, 1.0)
     normalize = _validate.check_bool("normalize", normalize)
     return_state = _validate.check_bool("return_state", return_state)
-    resolve_backend(backend, "linear_attention", {})
     F = feature_dim(feature_map, Dk)
 
     if not causal:
@@ -364,8 +363,11 @@ def _check_arguments(q, k, v, causal, mode, chunk_size, feature_map, scale, norm
             _validate.check_shape("initial_state", initial_state, (B, H, F, Dv))
             _validate.check_same_dtype([("q", q), ("initial_state", initial_state)])
 
+    kernel = select_kernel(backend, "linear_attention", mode=mode, causal=causal, feature_map=feature_map,
+                           normalize=normalize)
     return dict(causal=causal, mode=mode, chunk_size=chunk_size, feature_map=feature_map, scale=scale,
-                normalize=normalize, return_state=return_state, log_decay=log_decay, initial_state=initial_state)
+                normalize=normalize, return_state=return_state, log_decay=log_decay, initial_state=initial_state,
+                kernel=kernel)
 
 
 def _core_initial_state(initial_state, normalize, B, H, F, Dv, dtype):
@@ -393,6 +395,9 @@ def forward(q, k, v, causal=True, mode="chunked", chunk_size=64, feature_map="id
     """
     opts = _check_arguments(q, k, v, causal, mode, chunk_size, feature_map, scale, normalize, log_decay,
                             initial_state, return_state, backend)
+    kernel = opts.pop("kernel")
+    if kernel is not None:   # backend "numba" / "cuda" (or "auto" choosing numba): same values, faster
+        return kernel.forward(q, k, v, **{key: opts[key] for key in opts if key != "mode"})
     B, H, T, Dk = q.shape
     Dv = v.shape[3]
     F = feature_dim(opts["feature_map"], Dk)
@@ -444,6 +449,8 @@ def backward(dout, cache):
     dout = _validate.as_float_array("dout", dout, 4)
     _validate.check_shape("dout", dout, v.shape)
     _validate.check_same_dtype([("q", q), ("dout", dout)])
+    if "backend" in cache:
+        return kernel_backward(dout, cache, "linear_attention")
     opts = cache["options"]
     B, H, T, _ = q.shape
     Dv = v.shape[3]

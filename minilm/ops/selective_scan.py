@@ -42,7 +42,7 @@ final state.
 """
 import numpy as np
 
-from minilm.ops._backend import resolve_backend
+from minilm.ops._backend import kernel_backward, select_kernel
 from minilm.ops._validate import (as_float_array, check_bool, check_choice, check_nonempty_time,
                                   check_positive_int, check_same_dtype, check_shape)
 
@@ -370,7 +370,10 @@ def forward(u, delta, A, Bm, Cm, D=None, z=None, delta_bias=None, delta_softplus
     chunk_size = check_positive_int("chunk_size", chunk_size)
     delta_softplus = check_bool("delta_softplus", delta_softplus)
     return_state = check_bool("return_state", return_state)
-    resolve_backend(backend, "selective_scan", {})
+    kernel = select_kernel(backend, "selective_scan", mode=mode)
+    if kernel is not None:   # backend "numba" / "cuda" (or "auto" choosing numba): same values, faster
+        return kernel.forward(u, delta, A, Bm, Cm, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
+                              chunk_size=chunk_size, initial_state=initial_state, return_state=return_state)
 
     batch, T, channels = u.shape
     delta_in = delta if delta_bias is None else delta + delta_bias
@@ -408,11 +411,13 @@ def backward(dout, cache):
     Returns (du, ddelta, dA, dBm, dCm, dD, dz, ddelta_bias) in the input dtype, with None where
     the forward input was None. No gradient is returned for initial_state.
     """
-    u, A, Bm, Cm, D, z = cache["u"], cache["A"], cache["Bm"], cache["Cm"], cache["D"], cache["z"]
-    step = cache["step"]
+    u = cache["u"]
     dout = as_float_array("dout", dout, 3)
     check_shape("dout", dout, u.shape)
     check_same_dtype([("u", u), ("dout", dout)])
+    if "backend" in cache:
+        return kernel_backward(dout, cache, "selective_scan")
+    A, Bm, Cm, D, z, step = cache["A"], cache["Bm"], cache["Cm"], cache["D"], cache["z"], cache["step"]
 
     # out = y · SiLU(z)
     if z is None:

@@ -8,10 +8,13 @@ scale-aware: max|cuda - ref| / max|ref| <= 1e-5 in float32 and 1e-10 in float64.
 import numpy as np
 import pytest
 
-from minilm.ops import linear_attention as reference
+from minilm.ops import linear_attention as linear_attention_op
 
 cuda_la = pytest.importorskip("minilm.kernels.cuda.linear_attention")
 from minilm.kernels.cuda import _device  # noqa: E402
+from minilm.testing import numpy_reference
+
+reference = numpy_reference(linear_attention_op)
 
 TOLERANCE = {np.float32: 1e-5, np.float64: 1e-10}
 

@@ -9,10 +9,13 @@ scale-aware: max|cuda - ref| / max|ref| <= 1e-5 in float32 and 1e-10 in float64.
 import numpy as np
 import pytest
 
-from minilm.ops import selective_scan as reference
+from minilm.ops import selective_scan as selective_scan_op
 
 cuda_scan = pytest.importorskip("minilm.kernels.cuda.selective_scan")
 from minilm.kernels.cuda import _device  # noqa: E402
+from minilm.testing import numpy_reference
+
+reference = numpy_reference(selective_scan_op)
 
 TOLERANCE = {np.float32: 1e-5, np.float64: 1e-10}
 
