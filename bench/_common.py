@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from minilm.experiments.scaling import cpu_model, fit_slope, relative_error, write_json  # noqa: F401  (re-exported)
+
 
 # ----------------------------------------------------------------------------------------------
 # Timing
@@ -104,19 +106,6 @@ def peak_traced_bytes(fn):
     return result, peak - base
 
 
-def relative_error(actual, reference):
-    """Scale-aware error max|a - r| / max|r| (0 when both are zero)."""
-    actual = np.asarray(actual, dtype=np.float64)
-    reference = np.asarray(reference, dtype=np.float64)
-    if actual.shape != reference.shape:
-        return math.inf
-    scale = np.max(np.abs(reference)) if reference.size else 0.0
-    diff = np.max(np.abs(actual - reference)) if reference.size else 0.0
-    if scale == 0.0:
-        return 0.0 if diff == 0.0 else math.inf
-    return float(diff / scale)
-
-
 def compare_outputs(actual, reference, tolerance):
     """Compare two dicts name -> array on the names they share.
 
@@ -136,17 +125,6 @@ def compare_outputs(actual, reference, tolerance):
 
 # ----------------------------------------------------------------------------------------------
 # The machine header
-
-def _cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
 
 def _version(module_name):
     try:
@@ -191,7 +169,7 @@ def machine_info(extra=None):
         usable = os.cpu_count()
     info = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cores": f"{os.cpu_count()} logical, {usable} usable by this process",
         "os": platform.platform(),
         "python": platform.python_version(),
@@ -264,36 +242,6 @@ def write_csv(path, rows):
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
-
-
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    if isinstance(x, (np.floating, float)):
-        return float(x) if math.isfinite(x) else None
-    if isinstance(x, np.ndarray):
-        return _jsonable(x.tolist())
-    return x
-
-
-def write_json(path, obj):
-    with open(path, "w") as f:
-        json.dump(_jsonable(obj), f, indent=2)
-        f.write("\n")
-
-
-def fit_slope(xs, ys):
-    """Least-squares slope of log y against log x (the exponent p in y ~ x^p); None with < 2 points."""
-    points = [(x, y) for x, y in zip(xs, ys) if x and y and x > 0 and y > 0]
-    if len(points) < 2:
-        return None
-    lx = np.log([p[0] for p in points])
-    ly = np.log([p[1] for p in points])
-    return float(np.polyfit(lx, ly, 1)[0])
 
 
 def plot_loglog(path, panels, xlabel="L", ylabel="time (ms)"):

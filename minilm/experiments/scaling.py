@@ -114,7 +114,7 @@ def available_memory_bytes():
     return None
 
 
-def _cpu_model():
+def cpu_model():
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -140,7 +140,7 @@ def machine_info():
         usable = os.cpu_count()
     info = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cores": f"{os.cpu_count()} logical, {usable} usable by this process",
         "os": platform.platform(),
         "python": platform.python_version(),
