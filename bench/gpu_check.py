@@ -42,7 +42,7 @@ if ROOT not in sys.path:
 
 START = time.time()
 
-# Targets from the project's brief (H100 figures measured on the same kind of machine).
+# Speed targets (figures of the peers measured on an H100 of the same kind of machine).
 TARGETS = {
     "scan_speedup_vs_mambapy": 10.0,      # forward, B=4 D=1536 N=16 L=4096: ≥ 10x faster than pscan
     "scan_fraction_of_copy": 0.30,        # forward effective bandwidth ≥ 30 % of device copy bandwidth
