@@ -11,10 +11,8 @@ import csv
 import gc
 import importlib
 import importlib.metadata
-import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -23,7 +21,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from minilm.experiments.scaling import cpu_model, fit_slope, relative_error, write_json  # noqa: F401  (re-exported)
+from minilm.experiments.scaling import fit_slope, relative_error, write_json  # noqa: F401  (re-exported)
+from minilm.experiments.scaling import machine_info as experiments_machine_info
 
 
 # ----------------------------------------------------------------------------------------------
@@ -162,26 +161,11 @@ def _blas_info():
 
 
 def machine_info(extra=None):
-    """A dict describing where the numbers were measured. ``extra`` entries are appended."""
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
-    info = {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "cpu": cpu_model(),
-        "cores": f"{os.cpu_count()} logical, {usable} usable by this process",
-        "os": platform.platform(),
-        "python": platform.python_version(),
-        "numpy": _version("numpy"),
-        "numba": _version("numba"),
-        "torch": _version("torch") or "not installed",
-        "blas": _blas_info(),
-    }
-    try:
-        info["load average"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        pass
+    """A dict describing where the numbers were measured: the tour's machine header (CPU, cores,
+    load, versions) plus torch, the BLAS and Numba's threading layer. ``extra`` entries are appended."""
+    info = experiments_machine_info()
+    info["torch"] = _version("torch") or "not installed"
+    info["blas"] = _blas_info()
     try:
         import numba
         info["numba threads"] = f"{numba.get_num_threads()} ({numba.config.THREADING_LAYER} layer)"
