@@ -141,6 +141,17 @@ def test_recurrent_parallel_and_chunked_agree(case):
             assert_close(got, want, 1e-10, f"{mode} {name}")
 
 
+@pytest.mark.parametrize("mode", ("recurrent", "parallel"))
+def test_gradients_summed_block_by_block_equal_the_chunked_ones(mode, monkeypatch):
+    monkeypatch.setattr(ss, "GRAD_BLOCK", 3)           # 3 blocks over T = 8, the last one partial
+    inputs = make_inputs(np.random.default_rng(5), 2, 8, 3, 2)
+    dout = np.random.default_rng(6).standard_normal((2, 8, 3))
+    options = dict(delta_softplus=True, chunk_size=4)
+    for name, got, want in zip(RESULT_NAMES, run_all(inputs, options, dout, mode),
+                               run_all(inputs, options, dout, "chunked")):
+        assert_close(got, want, 1e-10, f"{mode} {name}")
+
+
 @given(case=scan_cases(min_T=2), split_seed=st.integers(0, 2**16), mode=st.sampled_from(ss.MODES))
 def test_carrying_the_state_equals_one_pass(case, split_seed, mode):
     inputs, options, _ = build(case)
