@@ -178,7 +178,8 @@ def test_run_recall_end_to_end_tiny(tmp_path, monkeypatch):
     monkeypatch.setattr(recall, "PASSKEY_DIGITS", 2)
     monkeypatch.setattr(recall, "PASSKEY_DEPTHS", (0.0, 1.0))
     messages = []
-    rows = recall.run_recall(quick=True, out_dir=str(tmp_path), progress=messages.append, budget_s=60)
+    rows = recall.run_recall(quick=True, out_dir=str(tmp_path), progress=messages.append, budget_s=60,
+                            workers=1)           # workers would not see the patched constants
     mqar_rows = [r for r in rows if r["task"] == "mqar"]
     passkey_rows = [r for r in rows if r["task"] == "passkey"]
     assert len(mqar_rows) == 2 * 2 * 2 and len(passkey_rows) == 2

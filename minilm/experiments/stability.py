@@ -36,6 +36,7 @@ import time
 import numpy as np
 
 from minilm import data
+from minilm.experiments import parallel
 from minilm.model import LM, LMConfig
 from minilm.ops import cross_entropy
 from minilm.optim import AdamW, global_norm, lr_at
@@ -188,7 +189,19 @@ def _subsample(values, points=CURVE_POINTS):
     return index.tolist(), [float(values[i]) for i in index]
 
 
-def run_stability(quick=True, out_dir=None, progress=None, budget_s=None):
+def _measure_job(variant):
+    """measure_step_time of one variant (a worker's job)."""
+    return measure_step_time(variant, data.load_corpus(min_tokens=SEQ_LEN + 1))
+
+
+def _train_job(job):
+    """One training run (a worker's job): (variant, lr, steps, time_limit_s) -> train_variant's result."""
+    variant, lr, steps, time_limit_s = job
+    corpus = data.load_corpus(min_tokens=SEQ_LEN + 1)
+    return train_variant(variant, lr, steps, corpus, time_limit_s=time_limit_s)
+
+
+def run_stability(quick=True, out_dir=None, progress=None, budget_s=None, workers=None):
     """Train every variant at every learning rate of the grid; write stability_curves.png.
 
     quick: the reduced grid (QUICK_VARIANTS x QUICK_LR_GRID, at most QUICK_MAX_STEPS steps) that fits
@@ -197,6 +210,8 @@ def run_stability(quick=True, out_dir=None, progress=None, budget_s=None):
     progress: optional callable(message: str), called once per run with a one-line summary.
     budget_s: wall-time budget (default QUICK_BUDGET_S or FULL_BUDGET_S); the steps per run are
         sized from measured step times to fit it.
+    workers: training runs at once, one single-threaded process each (minilm.experiments.parallel;
+        default: one per core, at most 2).
     Returns one row per (variant, lr): {"variant", "lr", "final_loss", "diverged", "max_grad_norm",
         "steps", "diverged_at", "seed", "d_model", "seq_len", "batch_size", "step_ms", "curve_steps",
         "loss_curve", "grad_norm_curve"}.
@@ -206,36 +221,40 @@ def run_stability(quick=True, out_dir=None, progress=None, budget_s=None):
     variants = QUICK_VARIANTS if quick else tuple(VARIANTS)
     lrs = QUICK_LR_GRID if quick else LR_GRID
     max_steps = QUICK_MAX_STEPS if quick else FULL_MAX_STEPS
-    corpus = data.load_corpus(min_tokens=SEQ_LEN + 1)
+    workers = parallel.default_workers() if workers is None else workers
 
-    step_times = {variant: measure_step_time(variant, corpus) for variant in variants}
+    # step times measured in the workers (single-threaded, beside each other), as the runs will go
+    step_times = dict(zip(variants, parallel.run_jobs(_measure_job, variants, workers)))
     remaining = 0.9 * budget_s - (time.perf_counter() - started)
-    one_step_of_every_run = sum(step_times.values()) * len(lrs)
+    one_step_of_every_run = sum(step_times.values()) * len(lrs) / workers
     evaluation = EVAL_BATCHES * 0.5                    # a validation batch costs about half a step
     steps = int(min(max_steps, max(MIN_STEPS, remaining / one_step_of_every_run - evaluation)))
-    _say(progress, f"stability: {len(variants)} variants x {len(lrs)} learning rates, {steps} steps each "
-                   f"(step ms: " + ", ".join(f"{v} {1e3 * t:.0f}" for v, t in step_times.items()) + ")")
+    _say(progress, f"stability: {len(variants)} variants x {len(lrs)} learning rates, {steps} steps each, "
+                   f"{workers} at a time (step ms: " + ", ".join(f"{v} {1e3 * t:.0f}" for v, t in step_times.items()) + ")")
 
-    rows = []
-    for variant in variants:
-        for lr in lrs:
-            result = train_variant(variant, lr, steps, corpus, time_limit_s=3.0 * steps * step_times[variant])
-            finite_norms = [g for g in result["grad_norms"] if math.isfinite(g)]
-            curve_steps, loss_curve = _subsample(result["losses"])
-            _, grad_curve = _subsample(result["grad_norms"])
-            row = {"variant": variant, "lr": lr, "final_loss": result["final_loss"],
-                   "diverged": result["diverged"],
-                   "max_grad_norm": max(finite_norms) if finite_norms else None,
-                   "steps": result["steps"], "diverged_at": result["diverged_at"], "seed": SEED,
-                   "d_model": D_MODEL, "seq_len": SEQ_LEN, "batch_size": BATCH_SIZE,
-                   "step_ms": 1e3 * step_times[variant], "curve_steps": curve_steps,
-                   "loss_curve": loss_curve, "grad_norm_curve": grad_curve}
-            rows.append(row)
-            status = (f"DIVERGED at step {result['diverged_at']}" if result["diverged"]
-                      else f"final loss {result['final_loss']:.3f}")
-            _say(progress, f"stability {variant} lr={lr:g}: {status}, max grad norm "
-                           f"{row['max_grad_norm'] if row['max_grad_norm'] is None else round(row['max_grad_norm'], 2)}"
-                           f" ({result['steps']} steps, {result['seconds']:.1f} s)")
+    runs = [(variant, lr) for variant in variants for lr in lrs]
+    jobs = [(variant, lr, steps, 3.0 * steps * step_times[variant]) for variant, lr in runs]
+    rows = [None] * len(runs)
+
+    def collect(index, result):
+        variant, lr = runs[index]
+        finite_norms = [g for g in result["grad_norms"] if math.isfinite(g)]
+        curve_steps, loss_curve = _subsample(result["losses"])
+        _, grad_curve = _subsample(result["grad_norms"])
+        row = {"variant": variant, "lr": lr, "final_loss": result["final_loss"],
+               "diverged": result["diverged"],
+               "max_grad_norm": max(finite_norms) if finite_norms else None,
+               "steps": result["steps"], "diverged_at": result["diverged_at"], "seed": SEED,
+               "d_model": D_MODEL, "seq_len": SEQ_LEN, "batch_size": BATCH_SIZE,
+               "step_ms": 1e3 * step_times[variant], "curve_steps": curve_steps,
+               "loss_curve": loss_curve, "grad_norm_curve": grad_curve}
+        rows[index] = row
+        status = (f"DIVERGED at step {result['diverged_at']}" if result["diverged"]
+                  else f"final loss {result['final_loss']:.3f}")
+        _say(progress, f"stability {variant} lr={lr:g}: {status}, max grad norm "
+                       f"{row['max_grad_norm'] if row['max_grad_norm'] is None else round(row['max_grad_norm'], 2)}"
+                       f" ({result['steps']} steps, {result['seconds']:.1f} s)")
+    parallel.run_jobs(_train_job, jobs, workers, on_result=collect)
     if out_dir is not None:
         plot_stability(rows, _join(out_dir, "stability_curves.png"))
     return rows
