@@ -38,8 +38,8 @@ WIDTHS = range(64, 257, 8)            # d_model candidates (multiples of 8: even
 PREFILL_TOKENS = 256
 CONTEXTS = {"quick": [256, 1024, 4096, 16384],
             "full": [256, 512, 1024, 2048, 4096, 8192, 16384]}
-STEPS = {"quick": 6, "full": 8}       # timed steps per point and round (after WARMUP_STEPS)
-ROUNDS = {"quick": 2, "full": 3}      # rounds over all points; a point's value is its best round
+STEPS = {"quick": 8, "full": 8}       # timed steps per point and round (after WARMUP_STEPS)
+ROUNDS = {"quick": 3, "full": 3}      # rounds over all points; a point's value is its best round
 WARMUP_STEPS = 2
 SEED = 0
 BACKEND = "auto"                      # the models' backend: what `minilm generate` uses
