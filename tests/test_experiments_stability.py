@@ -111,6 +111,18 @@ def test_unnormalized_output_grows_with_position_and_normalized_ones_do_not():
     assert growth["denominator"] < 1.5 and growth["rmsnorm"] < 1.5, growth
 
 
+def test_both_equals_rmsnorm_up_to_the_norm_epsilon():
+    """The denominator is one positive number per head and token, and RMSNorm over the head
+    dimension removes any such factor: RMSNorm(o / s) = o / sqrt(mean(o^2) + eps s^2)."""
+    x = tokens(2, 9, seed=4)
+    logits = {}
+    for norm in ("both", "rmsnorm"):
+        for eps in (1e-12, 1e-1):
+            logits[norm, eps] = LM(tiny("G", norm, norm_eps=eps), seed=5).forward(x)[0]
+    np.testing.assert_allclose(logits["both", 1e-12], logits["rmsnorm", 1e-12], rtol=1e-7, atol=1e-9)
+    assert np.max(np.abs(logits["both", 1e-1] - logits["rmsnorm", 1e-1])) > 1e-4   # only eps tells them apart
+
+
 def test_divergence_is_detected():
     corpus = stability.data.load_corpus(min_tokens=stability.SEQ_LEN + 1)
     model = LM(stability.model_config("linear_none", d_model=16), seed=0)

@@ -7,7 +7,10 @@ What is compared (model variants, everything else equal)
     "linear_denominator"  divided by phi(q_t) . z_t, Katharopoulos et al.'s normalizer ("denominator")
     "linear_rmsnorm"      a per-head RMSNorm on the output, TransNormer's NormAttention and the
                           default of minilm's L layer ("rmsnorm")
-    "linear_both"         the denominator, then the RMSNorm (full runs only)
+    "linear_both"         the denominator, then the RMSNorm (full runs only); the same function as
+                          "linear_rmsnorm" up to the norm's epsilon, since the denominator is one
+                          positive number per head and token, which the RMSNorm divides out:
+                          RMSNorm(o / s) = o / sqrt(mean(o^2) + eps s^2)
     "softmax"             A layers (softmax attention), the reference point
 
 Each variant is a two-layer byte-level language model ("LL" or "AA"; d_model D_MODEL = 64, 4 heads,
