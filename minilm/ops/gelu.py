@@ -22,19 +22,21 @@ CUBIC_COEFF = 0.044715
 SATURATION = 20.0   # |x| beyond which tanh(u) == +-1 exactly in float32 and float64
 
 
-def tanh_argument(x):
-    """u = sqrt(2/pi) (x + 0.044715 x^3) on x clipped to +-SATURATION, and du/dx there."""
+def tanh_argument(x, with_derivative=False):
+    """u = sqrt(2/pi) (x + 0.044715 x^3) on x clipped to +-SATURATION (and du/dx there, if asked)."""
     xc = np.clip(x, -SATURATION, SATURATION)
-    u = SQRT_2_OVER_PI * (xc + CUBIC_COEFF * xc ** 3)
-    du_dx = SQRT_2_OVER_PI * (1.0 + 3.0 * CUBIC_COEFF * xc * xc)
-    return u.astype(x.dtype, copy=False), du_dx.astype(x.dtype, copy=False)
+    x2 = xc * xc                      # x^3 as x * x^2: NumPy's power function is several times slower
+    u = (SQRT_2_OVER_PI * xc * (1.0 + CUBIC_COEFF * x2)).astype(x.dtype, copy=False)
+    if not with_derivative:
+        return u
+    du_dx = SQRT_2_OVER_PI * (1.0 + 3.0 * CUBIC_COEFF * x2)
+    return u, du_dx.astype(x.dtype, copy=False)
 
 
 def forward(x):
     """y = 0.5 x (1 + tanh(u)). x: (...) float32/float64. Returns (y, cache = {"x"})."""
     x = as_float_array("x", x)
-    u, _ = tanh_argument(x)
-    y = 0.5 * x * (1.0 + np.tanh(u))
+    y = 0.5 * x * (1.0 + np.tanh(tanh_argument(x)))
     return y, {"x": x}
 
 
@@ -45,7 +47,7 @@ def backward(dy, cache):
     check_shape("dy", dy, x.shape)
     check_same_dtype([("x", x), ("dy", dy)])
 
-    u, du_dx = tanh_argument(x)
+    u, du_dx = tanh_argument(x, with_derivative=True)
     t = np.tanh(u)
     dx = dy * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du_dx)
     return (dx,)
