@@ -229,7 +229,7 @@ def train_recall_model(schedule, d_model, lr, steps, sample_batch, eval_sets, se
             "seconds": seconds, "params": model.num_params(), "model": model}
 
 
-def measure_step_time(schedule, d_model, seq_len, repeats=2, backend="auto", vocab_size=VOCAB_SIZE):
+def measure_step_time(schedule, d_model, seq_len, repeats=4, backend="auto", vocab_size=VOCAB_SIZE):
     """Median wall time of one training step (after one warm-up step, which compiles kernels)."""
     model = LM(model_config(schedule, d_model, vocab_size, backend), seed=SEED)
     optimizer = make_optimizer(model, 1e-3)

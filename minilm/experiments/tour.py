@@ -45,7 +45,7 @@ TOTAL_BUDGET_S = {"quick": 300.0, "full": 1800.0}
 SECTIONS = ("scaling", "decode", "recall", "stability")
 # planned seconds per section (scaled with the total budget); time a section leaves unused goes to
 # recall, and recall never takes what stability is planned to get
-SECTION_BUDGET_S = {"quick": {"scaling": 60.0, "decode": 25.0, "recall": 150.0, "stability": 50.0},
+SECTION_BUDGET_S = {"quick": {"scaling": 60.0, "decode": 25.0, "recall": 170.0, "stability": 30.0},
                     "full": {"scaling": 540.0, "decode": 150.0, "recall": 780.0, "stability": 300.0}}
 REPORT_RESERVE_S = {"quick": 15.0, "full": 30.0}   # kept for plots and the report
 # A training section still running at HARD_LIMIT[0] x its budget + HARD_LIMIT[1] seconds is
