@@ -139,8 +139,19 @@ def discretize(A, delta, method="zoh"):
 # The scan h_t = a_t h_{t-1} + b_t, three ways
 
 def _readout(h, Cm):
-    """y = Σ_n C h.  h (..., D, N), Cm (..., N) -> (..., D)."""
-    return np.sum(h * Cm[..., None, :], axis=-1)
+    """y = Σ_n C h.  h (..., D, N), Cm (..., N) -> (..., D).  (einsum: no (..., D, N) temporary)"""
+    return np.einsum("...dn,...n->...d", h, Cm)
+
+
+def _touched_empty(shape, dtype):
+    """An array to be filled one time step at a time, with every memory page written once first.
+
+    A fresh large array gets its pages from the OS on first write. Taken one step at a time, between
+    the loop's small allocations, those page faults made the loops below three times slower at
+    T = 8192, D = 256, N = 16 (0.55 s instead of 0.19 s; one bulk fill costs 0.02 s)."""
+    array = np.empty(shape, dtype=dtype)
+    array.fill(0)
+    return array
 
 
 def _recurrent_states(delta, A, u, Bm, h0):
@@ -149,7 +160,7 @@ def _recurrent_states(delta, A, u, Bm, h0):
     delta, u: (B, T, D); A: (D, N); Bm: (B, T, N); h0: (B, D, N). Returns states (B, T, D, N).
     """
     batch, T, channels = u.shape
-    states = np.empty((batch, T, channels, A.shape[1]), dtype=u.dtype)
+    states = _touched_empty((batch, T, channels, A.shape[1]), u.dtype)
     h = h0
     for t in range(T):
         h = _decay(delta[:, t], A) * h + _input_term(delta[:, t], u[:, t], Bm[:, t])
@@ -239,7 +250,7 @@ def _recurrent_adjoints(delta, A, Cm, dy):
     delta, dy: (B, T, D); A: (D, N); Cm: (B, T, N). Returns g (B, T, D, N).
     """
     batch, T, channels = dy.shape
-    adjoints = np.empty((batch, T, channels, A.shape[1]), dtype=dy.dtype)
+    adjoints = _touched_empty((batch, T, channels, A.shape[1]), dy.dtype)
     from_later = np.zeros((batch, channels, A.shape[1]), dtype=dy.dtype)   # a_{t+1} g_{t+1}
     for t in reversed(range(T)):
         g = Cm[:, t, None, :] * dy[:, t, :, None] + from_later
