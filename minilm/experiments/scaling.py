@@ -5,9 +5,11 @@ forward and a backward pass on random float32 inputs, batch 1, and records
 
     fwd_ms      wall time of the forward
     fwdbwd_ms   wall time of forward + backward (the two are timed in the same run)
-                both the fastest of up to three repeats: on a shared machine an interruption only
-                ever adds time, so the fastest repeat is the best estimate of the work itself (the
-                advice of Python's timeit)
+                both the fastest of three repeats (two for points slower than a second): on a
+                shared machine an interruption only ever adds time, and the first run at a new L
+                also pays for fresh memory pages (the NumPy references at L = 8192 ran up to 1.6x
+                slower the first time), so the fastest repeat is the best estimate of the work
+                itself (the advice of Python's timeit)
     peak_bytes  the most memory the forward + backward allocated above what was allocated before
                 (tracemalloc: every NumPy array, also those a Numba kernel's wrapper creates; not
                 what compiled code allocates on its own, which here is a few small tile buffers)
@@ -425,10 +427,10 @@ def measure_point(series, L):
         inputs, dout = series.to_device(inputs, dout)
     gc.collect()      # once per point: the arrays of a run are freed by reference counting
     runs = [_run_once(series, inputs, dout)]
-    # three repeats, the fastest kept (see the module docstring); points slower than a second are
-    # timed once: a stall is small next to them, and they are what the budget pays for
-    if sum(runs[0]) < 1.0:
-        runs += [_run_once(series, inputs, dout) for _ in range(2)]
+    # three repeats, the fastest kept (see the module docstring); points slower than a second get
+    # two: a stall is small next to them, and they are what the budget pays for
+    repeats = 2 if sum(runs[0]) < 1.0 else 1
+    runs += [_run_once(series, inputs, dout) for _ in range(repeats)]
     single = min(f + b for f, b in runs)
     peak = None if series.backend == "cuda" else _traced_peak(series, inputs, dout)   # GPU memory: not traced
     row = {"op": series.op, "mode": series.mode, "backend": series.backend, "L": int(L),
@@ -508,7 +510,7 @@ def measure_scaling(quick=False, progress=None, budget_s=None, lengths=None, poi
                     s.active, s.stop = False, (f"capped: L={L} would take about {predicted:.0f} s per run "
                                                f"(cap {cap:g} s)")
                     continue
-                runs = 4 if predicted < 1.0 else 2          # timed repeats + the traced run (measure_point)
+                runs = 4 if predicted < 1.0 else 3          # timed repeats + the traced run (measure_point)
                 if elapsed + runs * predicted > budget:
                     s.active, s.stop = False, f"stopped by the section budget ({budget:.0f} s) before L={L}"
                     continue

@@ -716,8 +716,8 @@ def write_report(path, results, meta):
     if config:
         out.append(f"- Scaling: float32, batch 1; attention and linear attention {config.get('attention_shape')}; "
                    f"linear attention {config.get('linear_attention_options')}; scan {config.get('scan_shape')}. "
-                   f"L = {config.get('lengths')}. Times are the fastest of up to three repeats (an interruption of a "
-                   f"shared machine only adds time); peak memory is what NumPy allocated during one forward + "
+                   f"L = {config.get('lengths')}. Times are the fastest of three repeats, two above one second (an interruption "
+                   f"of a shared machine, or fresh memory pages, only add time); peak memory is what NumPy allocated during one forward + "
                    f"backward (tracemalloc). Each series stops after a point slower than {config.get('point_cap_s')} s "
                    f"or when the next point would exceed twice that, the section budget or 40% of free memory: "
                    f"the quadratic series stop early because of the cost they measure (see 'why it stopped'). "
