@@ -40,7 +40,7 @@ The models (the same recipe for every family)
   QUICK_LR_GRID in quick runs) and the row reports the best one, by mean held-out accuracy over the
   evaluation sets of that task — "the maximum performance for each model over the learning rates",
   as Zoology reports. The accuracy of every rate is kept in the row ("lr_sweep"). The grid matters:
-  in the default tour's run (D = 64, up to 588 steps) AA reached 0.99 at 1e-2 and stayed at 0.15
+  in the default tour's run (D = 64, up to 600 steps) AA reached 0.99 at 1e-2 and stayed at 0.15
   and 0.19 at 1e-3 and 3e-3, while MA learned at all three; with the earlier grid (1e-3, 3e-3)
   attention had no working baseline at all.
 - Seeds: model initialization and training data use `seed` (SEED = 0 by default); held-out sets use
