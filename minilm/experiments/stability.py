@@ -29,7 +29,9 @@ ends the run), and the final loss: the mean validation loss on fixed windows of 
 (None when the run diverged).
 
 Budget: the number of steps comes from measured step times (`run_stability` times a few steps of
-each variant first), steps = min(max_steps, budget share / step time), at least MIN_STEPS.
+each variant first), steps = min(max_steps, budget share / step time), at least MIN_STEPS. Runs go
+two at a time, each in a single-threaded worker process (minilm.experiments.parallel); the step
+times are measured the same way.
 
 Shapes legend: B batch, T sequence length, D d_model.
 """
