@@ -66,6 +66,7 @@ import time
 import numpy as np
 
 from minilm.experiments import parallel, tasks
+from minilm.experiments.scaling import notify
 from minilm.model import LM, LMConfig, state_bytes
 from minilm.ops import cross_entropy
 from minilm.optim import AdamW, clip_grad_norm, lr_at
@@ -306,11 +307,6 @@ def task_data(study, seed=SEED):
                                       for depth in PASSKEY_DEPTHS}
 
 
-def _say(progress, message):
-    if progress is not None:
-        progress(message)
-
-
 def _measure_job(key):
     """measure_step_time(schedule, d_model, seq_len) (a worker's job)."""
     return measure_step_time(*key)
@@ -364,8 +360,8 @@ def run_recall(quick=True, out_dir=None, progress=None, budget_s=None, workers=N
     remaining = 0.9 * budget_s - (time.perf_counter() - started)
     per_step_of_all_runs = 1.1 * sum(run_time(plan[index], schedule) for index, schedule, _ in runs) / workers
     steps = int(min(max_steps, max(MIN_STEPS, remaining / per_step_of_all_runs)))
-    _say(progress, f"recall: {len(runs)} training runs of up to {steps} steps (batch {BATCH_SIZE}, {workers} at "
-         "a time); step ms: " + ", ".join(f"{s} D={d} T={t}: {1e3 * v:.0f}" for (s, d, t), v in step_times.items()))
+    notify(progress, f"recall: {len(runs)} training runs of up to {steps} steps (batch {BATCH_SIZE}, {workers} at "
+           "a time); step ms: " + ", ".join(f"{s} D={d} T={t}: {1e3 * v:.0f}" for (s, d, t), v in step_times.items()))
 
     # 3. train and score every (study, schedule, lr)
     fields = [task_data(study)[3] for study in plan]         # {evaluation set: row fields} per study
@@ -374,9 +370,9 @@ def run_recall(quick=True, out_dir=None, progress=None, budget_s=None, workers=N
         index, schedule, lr = runs[job_index]
         study = plan[index]
         mean = _mean_accuracy(result, fields[index], study["seq_len"])
-        _say(progress, f"recall {study['task']} T={study['seq_len']} D={matched_d_model(schedule, study['width'])} "
-                       f"{schedule} lr={lr:g}: mean accuracy {mean:.3f} "
-                       f"({result['steps']} steps, {result['stopped']}, {result['seconds']:.1f} s)")
+        notify(progress, f"recall {study['task']} T={study['seq_len']} D={matched_d_model(schedule, study['width'])} "
+                         f"{schedule} lr={lr:g}: mean accuracy {mean:.3f} "
+                         f"({result['steps']} steps, {result['stopped']}, {result['seconds']:.1f} s)")
     jobs = [(plan[index], schedule, matched_d_model(schedule, plan[index]["width"]), lr, steps,
              3.0 * steps * run_time(plan[index], schedule)) for index, schedule, lr in runs]
     results = dict(zip(runs, parallel.run_jobs(_train_job, jobs, workers, on_result=report)))
@@ -407,11 +403,12 @@ def run_recall(quick=True, out_dir=None, progress=None, budget_s=None, workers=N
                 if "depth" in field:
                     row["depth"] = field["depth"]
                 rows.append(row)
-    _say(progress, f"recall: done in {time.perf_counter() - started:.0f} s")
+    notify(progress, f"recall: done in {time.perf_counter() - started:.0f} s")
     if out_dir is not None:
-        plot_recall(rows, _join(out_dir, "recall_vs_pairs.png"))
+        os.makedirs(out_dir, exist_ok=True)
+        plot_recall(rows, os.path.join(out_dir, "recall_vs_pairs.png"))
         if len({row["d_model"] for row in rows if row["task"] == "mqar"}) > 1:
-            plot_recall_vs_width(rows, _join(out_dir, "recall_vs_width.png"))
+            plot_recall_vs_width(rows, os.path.join(out_dir, "recall_vs_width.png"))
     return rows
 
 
@@ -419,11 +416,6 @@ def _mean_accuracy(result, fields, seq_len):
     """Mean held-out accuracy over the evaluation sets of the training length (the score that picks
     the best learning rate)."""
     return float(np.mean([acc for name, acc in result["accuracy"].items() if fields[name]["seq_len"] == seq_len]))
-
-
-def _join(out_dir, name):
-    os.makedirs(out_dir, exist_ok=True)
-    return os.path.join(out_dir, name)
 
 
 def accuracy_table(rows, task="mqar", seq_len=None, d_model=None):

@@ -36,12 +36,14 @@ times are measured the same way.
 Shapes legend: B batch, T sequence length, D d_model.
 """
 import math
+import os
 import time
 
 import numpy as np
 
 from minilm import data
 from minilm.experiments import parallel
+from minilm.experiments.scaling import notify
 from minilm.model import LM, LMConfig
 from minilm.ops import cross_entropy
 from minilm.optim import AdamW, global_norm, lr_at
@@ -181,11 +183,6 @@ FULL_MAX_STEPS = 300
 CURVE_POINTS = 100           # loss / gradient-norm curves are stored with at most this many points
 
 
-def _say(progress, message):
-    if progress is not None:
-        progress(message)
-
-
 def _subsample(values, points=CURVE_POINTS):
     """(steps, values) with at most `points` entries, always keeping the last one."""
     if len(values) <= points:
@@ -234,8 +231,8 @@ def run_stability(quick=True, out_dir=None, progress=None, budget_s=None, worker
     one_step_of_every_run = sum(step_times.values()) * len(lrs) / workers
     evaluation = EVAL_BATCHES * 0.5                    # a validation batch costs about half a step
     steps = int(min(max_steps, max(MIN_STEPS, remaining / one_step_of_every_run - evaluation)))
-    _say(progress, f"stability: {len(variants)} variants x {len(lrs)} learning rates, {steps} steps each, "
-                   f"{workers} at a time (step ms: " + ", ".join(f"{v} {1e3 * t:.0f}" for v, t in step_times.items()) + ")")
+    notify(progress, f"stability: {len(variants)} variants x {len(lrs)} learning rates, {steps} steps each, "
+                     f"{workers} at a time (step ms: " + ", ".join(f"{v} {1e3 * t:.0f}" for v, t in step_times.items()) + ")")
 
     runs = [(variant, lr) for variant in variants for lr in lrs]
     jobs = [(variant, lr, steps, 3.0 * steps * step_times[variant]) for variant, lr in runs]
@@ -256,19 +253,14 @@ def run_stability(quick=True, out_dir=None, progress=None, budget_s=None, worker
         rows[index] = row
         status = (f"DIVERGED at step {result['diverged_at']}" if result["diverged"]
                   else f"final loss {result['final_loss']:.3f}")
-        _say(progress, f"stability {variant} lr={lr:g}: {status}, max grad norm "
-                       f"{row['max_grad_norm'] if row['max_grad_norm'] is None else round(row['max_grad_norm'], 2)}"
-                       f" ({result['steps']} steps, {result['seconds']:.1f} s)")
+        notify(progress, f"stability {variant} lr={lr:g}: {status}, max grad norm "
+                         f"{row['max_grad_norm'] if row['max_grad_norm'] is None else round(row['max_grad_norm'], 2)}"
+                         f" ({result['steps']} steps, {result['seconds']:.1f} s)")
     parallel.run_jobs(_train_job, jobs, workers, on_result=collect)
     if out_dir is not None:
-        plot_stability(rows, _join(out_dir, "stability_curves.png"))
+        os.makedirs(out_dir, exist_ok=True)
+        plot_stability(rows, os.path.join(out_dir, "stability_curves.png"))
     return rows
-
-
-def _join(out_dir, name):
-    import os
-    os.makedirs(out_dir, exist_ok=True)
-    return os.path.join(out_dir, name)
 
 
 def summarize(rows):
