@@ -72,6 +72,41 @@ def rope_rotate_backward(dy, cos, sin):
 
 
 # ----------------------------------------------------------------------------------------------
+# the input path of every attention-like mixer (A here, L and G in minilm.nn.linear_attention)
+
+def qkv_forward(mixer, p, x, initial_state, cache):
+    """x' = ShortConv(x) when the mixer has one (else x' = x), then q, k, v = x' W_q, x' W_k, x' W_v.
+
+    x (B, T, D) -> (x', q, k, v, conv_state): four (B, T, D) arrays, and the convolution's last
+    K-1 inputs (None without a convolution). Fills cache["conv"] and cache["q_proj" / "k_proj" / "v_proj"].
+    """
+    x_in, conv_state = x, None
+    if mixer.conv is not None:
+        conv_state = None if initial_state is None else initial_state["conv"]
+        (x_in, conv_state), cache["conv"] = mixer.conv.forward(
+            subtree(p, "short_conv."), x, initial_state=conv_state, return_state=True)
+    q, cache["q_proj"] = linear.forward(x_in, p["q_proj.W"])
+    k, cache["k_proj"] = linear.forward(x_in, p["k_proj.W"])
+    v, cache["v_proj"] = linear.forward(x_in, p["v_proj.W"])
+    return x_in, q, k, v, conv_state
+
+
+def qkv_backward(mixer, p, dq, dk, dv, cache, grads, dx_in=None):
+    """Backward of qkv_forward. dq, dk, dv (B, T, D); dx_in: any other gradient that reaches x'
+    (G's gate), or None. Puts the projections' (and convolution's) gradients into grads; returns dx."""
+    dx_q, grads["q_proj.W"], _ = linear.backward(dq, cache["q_proj"])
+    dx_k, grads["k_proj.W"], _ = linear.backward(dk, cache["k_proj"])
+    dx_v, grads["v_proj.W"], _ = linear.backward(dv, cache["v_proj"])
+    dx = dx_q + dx_k + dx_v
+    if dx_in is not None:
+        dx = dx + dx_in
+    if mixer.conv is not None:
+        dx, conv_grads = mixer.conv.backward(subtree(p, "short_conv."), dx, cache["conv"])
+        grads.update(with_prefix(conv_grads, "short_conv."))
+    return dx
+
+
+# ----------------------------------------------------------------------------------------------
 # the block's token mixer
 
 class Attention(Layer):
@@ -115,15 +150,7 @@ class Attention(Layer):
         extended cache."""
         past = 0 if initial_state is None else initial_state["k"].shape[2]
         cache = {"past": past}
-        x_in = x
-        if self.conv is not None:
-            conv_state = None if initial_state is None else initial_state["conv"]
-            (x_in, conv_state), cache["conv"] = self.conv.forward(
-                subtree(p, "short_conv."), x, initial_state=conv_state, return_state=True)
-
-        q_flat, cache["q_proj"] = linear.forward(x_in, p["q_proj.W"])
-        k_flat, cache["k_proj"] = linear.forward(x_in, p["k_proj.W"])
-        v_flat, cache["v_proj"] = linear.forward(x_in, p["v_proj.W"])
+        _, q_flat, k_flat, v_flat, conv_state = qkv_forward(self, p, x, initial_state, cache)
         T = x.shape[1]
         cos, sin = rope_angles(np.arange(past, past + T), self.head_dim, self.rope_base, self.dtype)
         cache["cos"], cache["sin"] = cos, sin
@@ -151,14 +178,7 @@ class Attention(Layer):
         dk, dv = dk[:, :, past:], dv[:, :, past:]            # no gradient into the cache
         dq = rope_rotate_backward(dq, cache["cos"], cache["sin"])
         dk = rope_rotate_backward(dk, cache["cos"], cache["sin"])
-
-        dx_in, grads["q_proj.W"], _ = linear.backward(merge_heads(dq), cache["q_proj"])
-        dx_k, grads["k_proj.W"], _ = linear.backward(merge_heads(dk), cache["k_proj"])
-        dx_v, grads["v_proj.W"], _ = linear.backward(merge_heads(dv), cache["v_proj"])
-        dx = dx_in + dx_k + dx_v
-        if self.conv is not None:
-            dx, conv_grads = self.conv.backward(subtree(p, "short_conv."), dx, cache["conv"])
-            grads.update(with_prefix(conv_grads, "short_conv."))
+        dx = qkv_backward(self, p, merge_heads(dq), merge_heads(dk), merge_heads(dv), cache, grads)
         return dx, grads
 
     def step(self, p, x_t, state):

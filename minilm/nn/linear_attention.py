@@ -44,7 +44,7 @@ Shapes legend: B batch, T time, H heads, Dh head dim, D = H Dh model width.
 """
 import numpy as np
 
-from minilm.nn.attention import merge_heads, split_heads
+from minilm.nn.attention import merge_heads, qkv_backward, qkv_forward, split_heads
 from minilm.nn.params import Layer, linear_weight, ones, subtree, with_prefix
 from minilm.nn.short_conv import ShortConv
 from minilm.ops import linear, rmsnorm
@@ -128,16 +128,7 @@ class LinearAttention(Layer):
         """x (B, T, D) -> y (B, T, D), using the op's chunked form; with return_state also the
         state after the last token."""
         cache = {}
-        x_in = x
-        conv_state = None
-        if self.conv is not None:
-            conv_state = None if initial_state is None else initial_state["conv"]
-            (x_in, conv_state), cache["conv"] = self.conv.forward(
-                subtree(p, "short_conv."), x, initial_state=conv_state, return_state=True)
-
-        q_flat, cache["q_proj"] = linear.forward(x_in, p["q_proj.W"])
-        k_flat, cache["k_proj"] = linear.forward(x_in, p["k_proj.W"])
-        v_flat, cache["v_proj"] = linear.forward(x_in, p["v_proj.W"])
+        x_in, q_flat, k_flat, v_flat, conv_state = qkv_forward(self, p, x, initial_state, cache)
         log_decay = None
         if self.gated:
             log_decay, cache["gate"] = self.gate_forward(p, x_in)
@@ -171,17 +162,10 @@ class LinearAttention(Layer):
             dout, grads["out_norm.weight"] = rmsnorm.backward(dout, cache["out_norm"])
         la_grads = la_op.backward(dout, cache["la"])
         dq, dk, dv = la_grads[:3]
-
-        dx_in, grads["q_proj.W"], _ = linear.backward(merge_heads(dq), cache["q_proj"])
-        dx_k, grads["k_proj.W"], _ = linear.backward(merge_heads(dk), cache["k_proj"])
-        dx_v, grads["v_proj.W"], _ = linear.backward(merge_heads(dv), cache["v_proj"])
-        dx = dx_in + dx_k + dx_v
+        dx_gate = None
         if self.gated:
-            dx_g, grads["gate_proj.W"], grads["gate_proj.b"] = self.gate_backward(la_grads[3], cache["gate"])
-            dx = dx + dx_g
-        if self.conv is not None:
-            dx, conv_grads = self.conv.backward(subtree(p, "short_conv."), dx, cache["conv"])
-            grads.update(with_prefix(conv_grads, "short_conv."))
+            dx_gate, grads["gate_proj.W"], grads["gate_proj.b"] = self.gate_backward(la_grads[3], cache["gate"])
+        dx = qkv_backward(self, p, merge_heads(dq), merge_heads(dk), merge_heads(dv), cache, grads, dx_in=dx_gate)
         return dx, grads
 
     # -- recurrent (decoding) form -------------------------------------------------------------------
