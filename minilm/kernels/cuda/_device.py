@@ -79,14 +79,14 @@ def array_kind(x):
         return "torch"
     if module == "cupy":
         return "cupy"
-    if hasattr(x, "__cuda_array_interface__") or _is_simulated_device_array(x):
+    if hasattr(x, "__cuda_array_interface__") or _is_numba_device_array(x):
         return "device"
     raise TypeError(f"expected a numpy.ndarray or a CUDA array (__cuda_array_interface__), got {type(x).__name__}")
 
 
-def _is_simulated_device_array(x):
-    """The simulator's device arrays have no __cuda_array_interface__; recognise them by type."""
-    return simulator_enabled() and type(x).__name__ == "FakeCUDAArray"
+def _is_numba_device_array(x):
+    """A Numba device array (the simulator's too, which has no __cuda_array_interface__)."""
+    return bool(getattr(x, "__cuda_ndarray__", False))
 
 
 def to_device(name, x):
@@ -101,7 +101,8 @@ def to_device(name, x):
         if x.dtype not in (np.float32, np.float64):
             raise TypeError(f"{name} must have dtype float32 or float64, got {x.dtype}")
         return cuda.to_device(np.ascontiguousarray(x))
-    array = x if _is_simulated_device_array(x) else cuda.as_cuda_array(x)
+    # a Numba device array is used as it is: wrapping it again would cost the host a new array object
+    array = x if _is_numba_device_array(x) else cuda.as_cuda_array(x)
     if array.dtype not in (np.float32, np.float64):
         raise TypeError(f"{name} must have dtype float32 or float64, got {array.dtype}")
     if not array.is_c_contiguous():
@@ -124,24 +125,68 @@ def from_device(array, kind):
     return array
 
 
-def empty(shape, dtype):
-    """An uninitialised device array, filled with NaN when POISON_OUTPUTS is set."""
-    array = cuda.device_array(shape, dtype=dtype)
+def _allocate(shape, dtype, kind):
+    """Uninitialised device memory. PyTorch and CuPy callers get it from their library's memory pool
+    (a pooled allocation costs the host microseconds; cudaMalloc and cudaFree of a large buffer far
+    more, and cudaFree waits for the device); everyone else from Numba."""
+    if kind == "torch":
+        import torch
+        tensor = torch.empty(tuple(shape), dtype=getattr(torch, np.dtype(dtype).name), device="cuda")
+        return cuda.as_cuda_array(tensor, sync=False)      # fresh memory: nothing to wait for
+    if kind == "cupy":
+        import cupy
+        return cuda.as_cuda_array(cupy.empty(tuple(shape), dtype=dtype), sync=False)
+    return cuda.device_array(shape, dtype=dtype)
+
+
+def empty(shape, dtype, kind="device"):
+    """An uninitialised device array for a caller of `kind` (see _allocate), filled with NaN when
+    POISON_OUTPUTS is set."""
+    array = _allocate(shape, dtype, kind)
     if POISON_OUTPUTS:
         fill(array, np.nan)
     return array
 
 
-def zeros(shape, dtype):
+def zeros(shape, dtype, kind="device"):
     """A device array of zeros (accumulation buffers: atomics add into them)."""
-    array = cuda.device_array(shape, dtype=dtype)
+    array = _allocate(shape, dtype, kind)
     fill(array, 0.0)
     return array
 
 
-def placeholder(dtype):
-    """A one-element device array standing in for an optional input that is None."""
-    return zeros((1,), dtype)
+def zeros_together(shapes, dtype, kind="device"):
+    """Zeroed device arrays of the given shapes, views into one allocation cleared by one kernel.
+
+    Each allocation and each launch costs the host tens of microseconds; a backward pass that
+    needs five accumulators pays once instead of five times.
+    """
+    sizes = [int(np.prod(shape)) for shape in shapes]
+    flat = zeros((max(1, sum(sizes)),), dtype, kind)
+    views, start = [], 0
+    for shape, size in zip(shapes, sizes):
+        views.append(flat[start:start + size].reshape(shape))
+        start += size
+    return views
+
+
+_PLACEHOLDERS = {}
+
+
+def placeholder(shape, dtype):
+    """Zeros standing in for an optional input that is None (D, delta_bias, z, initial_state, ...).
+
+    Made once per (device context, shape, dtype) and reused, so that leaving an input out costs
+    no allocation and no launch. Kernels only ever read a placeholder, never write it.
+    """
+    # Numba keeps one context object per device (the simulator makes a new stand-in on every call).
+    # Contexts are not hashable: key on id() and keep the context alive, so that its id stays unique
+    # (after cuda.close() a fresh context gets fresh placeholders).
+    context = None if simulator_enabled() else cuda.current_context()
+    key = (id(context), tuple(shape), np.dtype(dtype).name)
+    if key not in _PLACEHOLDERS:
+        _PLACEHOLDERS[key] = (context, zeros(shape, dtype))
+    return _PLACEHOLDERS[key][1]
 
 
 _FILL_THREADS = 256

@@ -649,12 +649,12 @@ def forward(q, k, v, causal=True, chunk_size=64, feature_map="identity", scale=N
     n_chunks = -(-T // tile)
 
     g_d, decay_mode = _decay_input(log_decay, dtype, H)
-    states = _device.empty((B, H, n_chunks * Dk, Dv), dtype)      # ΔS_c, then S_c in place
-    chunk_decay = _device.zeros((B, H, n_chunks), dtype)
-    final = _device.empty((B, H, Dk * Dv), dtype)
+    states = _device.empty((B, H, n_chunks * Dk, Dv), dtype, kind)      # ΔS_c, then S_c in place
+    chunk_decay = _device.empty((B, H, n_chunks), dtype, kind)        # written by the outer kernel
+    final = _device.empty((B, H, Dk * Dv), dtype, kind)
     initial = _device.to_device("initial_state", initial_state) if initial_state is not None \
-        else _device.zeros((1, 1, 1, 1), dtype)
-    out = _device.empty((B, H, T, Dv), dtype)
+        else _device.placeholder((1, 1, 1, 1), dtype)
+    out = _device.empty((B, H, T, Dv), dtype, kind)
 
     real = dtype.type
     kernels["outer"][(n_chunks, _grid_tiles(Dk, tile) * _grid_tiles(Dv, tile), B * H), threads](
@@ -678,7 +678,7 @@ def forward(q, k, v, causal=True, chunk_size=64, feature_map="identity", scale=N
 def _decay_input(log_decay, dtype, H):
     """(device array (B or 1, H, T or 1), mode): the log-decay, or a placeholder when there is none."""
     if log_decay is None:
-        return _device.zeros((1, 1, 1), dtype), DECAY_NONE
+        return _device.placeholder((1, 1, 1), dtype), DECAY_NONE
     g_d = _device.to_device("log_decay", log_decay)
     if g_d.dtype != dtype:
         raise TypeError(f"log_decay must have dtype {dtype}, got {g_d.dtype}")
@@ -706,17 +706,17 @@ def backward(do, cache):
     n_chunks = -(-T // tile)
     fmap, decay_mode, scale = cache["fmap"], cache["decay_mode"], dtype.type(cache["scale"])
 
-    grads = _device.empty((B, H, n_chunks * Dk, Dv), dtype)       # ΔG_c, then G_c in place
-    unused = _device.zeros((1, 1, 1), dtype)
+    grads = _device.empty((B, H, n_chunks * Dk, Dv), dtype, kind)       # ΔG_c, then G_c in place
+    unused = _device.placeholder((1, 1, 1), dtype)
     kernels["outer"][(n_chunks, _grid_tiles(Dk, tile) * _grid_tiles(Dv, tile), B * H), threads](
         q_d, do_d, g_d, grads, cache["chunk_decay"], T, Dk, Dv, fmap, decay_mode, True, scale)
     kernels["scan"][(_grid_tiles(Dk * Dv, SCAN_THREADS), B * H), SCAN_THREADS](
         grads.reshape(B, H, n_chunks, Dk * Dv), cache["chunk_decay"], unused, unused, 0, True, decay_mode)
 
-    dq = _device.empty((B, H, T, Dk), dtype)
-    dk = _device.empty((B, H, T, Dk), dtype)
-    dv = _device.empty((B, H, T, Dv), dtype)
-    dgamma = _device.zeros((B, H, T) if decay_mode != DECAY_NONE else (1, 1, 1), dtype)
+    dq = _device.empty((B, H, T, Dk), dtype, kind)
+    dk = _device.empty((B, H, T, Dk), dtype, kind)
+    dv = _device.empty((B, H, T, Dv), dtype, kind)
+    dgamma = _device.zeros((B, H, T), dtype, kind) if decay_mode != DECAY_NONE else _device.placeholder((1, 1, 1), dtype)
     kernels["dq"][(n_chunks, _grid_tiles(Dk, tile), B * H), threads](
         q_d, k_d, v_d, do_d, g_d, cache["states"], dq, dgamma, T, Dk, Dv, fmap, decay_mode, scale)
     kernels["dk"][(n_chunks, _grid_tiles(Dk, tile), B * H), threads](
@@ -728,6 +728,6 @@ def backward(do, cache):
     if decay_mode == DECAY_NONE:
         return tuple(result)
     per_head = decay_mode == DECAY_PER_HEAD
-    dlog = _device.zeros((1, H, 1), dtype) if per_head else _device.empty((B, H, T), dtype)
+    dlog = _device.zeros((1, H, 1), dtype, kind) if per_head else _device.empty((B, H, T), dtype, kind)
     kernels["decay_grad"][B * H, SCAN_THREADS](dgamma, dlog, per_head)
     return tuple(result) + (_device.from_device(dlog.reshape(H) if per_head else dlog, kind),)

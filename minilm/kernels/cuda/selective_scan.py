@@ -736,16 +736,17 @@ def forward(u, delta, A, Bm, Cm, D=None, z=None, delta_bias=None, delta_softplus
             raise TypeError(f"{label} must have the same dtype as u ({dtype}), got {array.dtype}")
     batch, T, channels = u_d.shape
     N = A_d.shape[1]
-    D_d = _device.to_device("D", D) if D is not None else _device.zeros((channels,), dtype)
-    bias_d = _device.to_device("delta_bias", delta_bias) if delta_bias is not None else _device.zeros((channels,), dtype)
-    z_d = _device.to_device("z", z) if z is not None else _device.zeros((1, 1, 1), dtype)
+    D_d = _device.to_device("D", D) if D is not None else _device.placeholder((channels,), dtype)
+    bias_d = _device.to_device("delta_bias", delta_bias) if delta_bias is not None \
+        else _device.placeholder((channels,), dtype)
+    z_d = _device.to_device("z", z) if z is not None else _device.placeholder((1, 1, 1), dtype)
     h0_d = _device.to_device("initial_state", initial_state) if initial_state is not None \
-        else _device.zeros((1, 1, 1), dtype)
+        else _device.placeholder((1, 1, 1), dtype)
 
     n_chunks = -(-T // config.chunk)
-    out = _device.empty((batch, T, channels), dtype)
-    carries = _device.empty((batch, n_chunks, N, channels), dtype)
-    final_state = _device.empty((batch, channels, N), dtype)
+    out = _device.empty((batch, T, channels), dtype, kind)
+    carries = _device.empty((batch, n_chunks, N, channels), dtype, kind)
+    final_state = _device.empty((batch, channels, N), dtype, kind)
     kernel, threads = _forward_kernel(dtype, config, N)
     grid = (-(-channels // config.channels), batch)
     kernel[grid, threads](u_d, delta_d, A_d, B_d, C_d, D_d, z_d, bias_d, h0_d, out, carries, final_state,
@@ -778,14 +779,12 @@ def backward(dout, cache):
     batch, T, channels = u_d.shape
     N = cache["A"].shape[1]
 
-    du = _device.empty((batch, T, channels), dtype)
-    ddelta = _device.empty((batch, T, channels), dtype)
-    dz = _device.empty((batch, T, channels), dtype) if cache["has_z"] else _device.zeros((1, 1, 1), dtype)
-    dA = _device.zeros((channels, N), dtype)
-    dBm = _device.zeros((batch, T, N), dtype)
-    dCm = _device.zeros((batch, T, N), dtype)
-    dD = _device.zeros((channels,), dtype)
-    dbias = _device.zeros((channels,), dtype)
+    du = _device.empty((batch, T, channels), dtype, kind)
+    ddelta = _device.empty((batch, T, channels), dtype, kind)
+    dz = _device.empty((batch, T, channels), dtype, kind) if cache["has_z"] else _device.placeholder((1, 1, 1), dtype)
+    # the sums the kernel adds into with atomics
+    dA, dBm, dCm, dD, dbias = _device.zeros_together(
+        [(channels, N), (batch, T, N), (batch, T, N), (channels,), (channels,)], dtype, kind)
     kernel, threads = _backward_kernel(dtype, config, N)
     grid = (-(-channels // config.channels), batch)
     kernel[grid, threads](dout_d, u_d, cache["delta"], cache["A"], cache["Bm"], cache["Cm"], cache["D"],

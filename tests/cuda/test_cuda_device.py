@@ -1,0 +1,62 @@
+"""The device helpers the CUDA wrappers share: accumulators carved from one allocation, and the cached
+zeros that stand in for optional inputs (they must never be written by a kernel).
+
+Runs on a GPU or under the CUDA simulator (see conftest.py).
+"""
+import numpy as np
+import pytest
+
+_device = pytest.importorskip("minilm.kernels.cuda._device")
+from minilm.kernels.cuda import linear_attention as cuda_la  # noqa: E402
+from minilm.kernels.cuda import selective_scan as cuda_scan  # noqa: E402
+
+
+def test_zeros_together_gives_separate_zeroed_views():
+    shapes = [(2, 3), (4,), (1, 2, 2), (0,)]
+    views = _device.zeros_together(shapes, np.float32)
+    assert [tuple(view.shape) for view in views] == shapes
+    assert all(np.all(view.copy_to_host() == 0) for view in views)
+    _device.fill(views[1], 7.0)
+    assert np.all(views[1].copy_to_host() == 7)
+    assert np.all(views[0].copy_to_host() == 0) and np.all(views[2].copy_to_host() == 0)
+
+
+def test_placeholders_are_cached_per_shape_and_dtype():
+    first = _device.placeholder((1, 1, 1), np.float32)
+    assert _device.placeholder((1, 1, 1), np.float32) is first
+    assert _device.placeholder((1, 1, 1), np.float64) is not first
+    assert _device.placeholder((3,), np.float32) is not first
+    assert np.all(first.copy_to_host() == 0)
+
+
+def test_kernels_leave_placeholders_untouched():
+    """Forward and backward of both ops with every optional input left out, twice: the zeros that
+    stood in for those inputs are still zeros, and the second run agrees with the first."""
+    rng = np.random.default_rng(0)
+    B, T, D, N = 1, 5, 2, 3
+    u, delta = rng.standard_normal((2, B, T, D)).astype(np.float32)
+    A = -np.exp(rng.standard_normal((D, N))).astype(np.float32)
+    Bm, Cm = rng.standard_normal((2, B, T, N)).astype(np.float32)
+    q, k, v = rng.standard_normal((3, 1, 1, T, 3)).astype(np.float32)
+    saved_config, saved_tiles = dict(cuda_scan.CONFIGS), dict(cuda_la.TILES)
+    try:
+        cuda_scan.set_config("float32", channels=2, state_threads=2, states_per_thread=2,
+                             fwd_segments=2, fwd_steps=2, bwd_segments=2, bwd_steps=2)
+        cuda_la.set_tile("float32", 4)
+        results = []
+        for _ in range(2):
+            out, cache = cuda_scan.forward(u, delta, A, Bm, Cm)
+            scan_grads = cuda_scan.backward(np.ones_like(out), cache)
+            la_out, la_cache = cuda_la.forward(q, k, v)
+            la_grads = cuda_la.backward(np.ones_like(la_out), la_cache)
+            results.append([out, la_out, *[g for g in scan_grads + la_grads if g is not None]])
+    finally:
+        cuda_scan.CONFIGS.clear()
+        cuda_scan.CONFIGS.update(saved_config)
+        cuda_la.TILES.clear()
+        cuda_la.TILES.update(saved_tiles)
+    assert _device._PLACEHOLDERS
+    for _, array in _device._PLACEHOLDERS.values():
+        assert np.all(array.copy_to_host() == 0)
+    for first, second in zip(*results):
+        np.testing.assert_array_equal(first, second)
