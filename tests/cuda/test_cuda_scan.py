@@ -111,6 +111,19 @@ def test_odd_block_shape(blocks):
     compare(1, 8, 4, 4, np.float32, 8)
 
 
+@pytest.mark.parametrize("shape, B, T, D, N, dtype", [
+    (dict(SMALL), 2, 9, 3, 5, np.float64),                            # two state groups: prefetch restarts
+    (dict(channels=2, state_threads=3, states_per_thread=1, fwd_segments=2, fwd_steps=2,
+          bwd_segments=2, bwd_steps=2), 1, 11, 3, 3, np.float32),      # some threads stage nothing
+    (dict(channels=1, state_threads=1, states_per_thread=3, fwd_segments=2, fwd_steps=3,
+          bwd_segments=3, bwd_steps=2), 1, 13, 2, 3, np.float64),      # three elements per thread
+])
+def test_prefetching_forward(blocks, shape, B, T, D, N, dtype):
+    """The forward that reads chunk c+1 while it scans chunk c gives the same results."""
+    blocks(dict(shape, fwd_prefetch=True))
+    compare(B, T, D, N, dtype, 9)
+
+
 def test_device_arrays_in_device_arrays_out(blocks):
     """Numba device arrays go in without a copy and come back as device arrays."""
     from numba import cuda
