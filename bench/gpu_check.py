@@ -15,9 +15,14 @@ written after every section (results.json, timings.csv, summary.csv in --out):
      reference in chunked mode; plus odd shapes (nothing a multiple of a block) and float64 at small sizes;
   2. timings with CUDA events, median of repeats after a warm-up, at the target shapes
      (selective scan B=4 D=1536 N=16 L=1K/4K; linear attention B=2 H=16 d=64 L=1K/4K/16K);
-  3. the peers (.whl/peers.py: copy bandwidth, fla chunk_linear_attn, mambapy pscan) in a subprocess;
-  4. while time allows, a short sweep of the scan's block shapes (each checked against the default);
-  5. one table, printed last, of our figures, the peers' and the ratios against the targets.
+     (host_ms: the time the host spends inside the call; the rest of ms is the GPU's);
+  3. the same with PyTorch tensors in and out (checked against the Numba-array path): outputs then
+     come from PyTorch's caching allocator, as for the peers;
+  4. the peers (.whl/peers.py: copy bandwidth, fla chunk_linear_attn, mambapy pscan) in a subprocess;
+  5. while time allows, a sweep of the scan's block shapes and the linear-attention tiles (each
+     checked against the default);
+  6. one table, printed last, of our figures, the peers' and the ratios against the targets, with
+     the fastest entries of the sweeps.
 
 --smoke runs the same code on tiny shapes (it works under NUMBA_ENABLE_CUDASIM=1, for testing this
 script without a GPU). It should take well under 5 minutes on an H100.
@@ -315,26 +320,33 @@ QUICK = False   # --smoke: one warm-up and one repeat (the simulator is slow)
 
 
 def time_gpu(fn, warmup=2, repeats=10):
-    """Median, 20th and 80th percentile in ms of fn() measured with CUDA events (after warm-up)."""
+    """Median, 20th and 80th percentile in ms of fn() measured with CUDA events (after warm-up).
+
+    host_ms is the median time the host spends inside fn() before it returns. Kernel launches are
+    asynchronous, so that is the Python cost of the call (argument checks, allocations, launches);
+    when it is close to ms, the GPU spent the call mostly waiting for the host.
+    """
     from numba import cuda
     if QUICK:
         warmup, repeats = 1, 1
     for _ in range(warmup):
         fn()
     cuda.synchronize()
-    times = []
+    times, host = [], []
     for _ in range(repeats):
         start, end = cuda.event(), cuda.event()
         wall = time.perf_counter()
         start.record()
         fn()
+        host.append(1e3 * (time.perf_counter() - wall))
         end.record()
         end.synchronize()
         wall = 1e3 * (time.perf_counter() - wall)
         times.append(_event_ms(start, end, wall))
     times.sort()
     return {"ms": statistics.median(times), "p20_ms": times[int(0.2 * (len(times) - 1))],
-            "p80_ms": times[int(0.8 * (len(times) - 1))], "repeats": len(times)}
+            "p80_ms": times[int(0.8 * (len(times) - 1))], "host_ms": statistics.median(host),
+            "repeats": len(times)}
 
 
 def _event_ms(start, end, fallback):
@@ -408,11 +420,70 @@ def section_timings(results, smoke):
                        ratio_to_fwd=t_both["ms"] / t_fwd["ms"])
 
 
-SWEEP_UNTIL_S = 210   # the sweep starts no new block shape after this many seconds of the run
+def section_torch(results, smoke):
+    """PyTorch tensors in and out, as a training loop would call the kernels: results must match the
+    Numba-array path (outputs then come from PyTorch's caching allocator), and the timings show what
+    allocation costs the call."""
+    try:
+        import torch
+        if not torch.cuda.is_available():
+            raise ImportError("torch without CUDA")
+    except ImportError as error:
+        log(f"(torch section skipped: {error})")
+        return
+    from numba import cuda
+    from minilm.kernels.cuda import linear_attention as la
+    from minilm.kernels.cuda import selective_scan as scan
+    started = time.time()
+    B, T, D, N = (1, 64, 16, 4) if smoke else (4, 4096, 1536, 16)
+    arrays, options, dout = scan_inputs(B, T, D, N, np.float32, 24)
+    options = {key: value for key, value in options.items() if key != "initial_state"}
+
+    def run_scan(convert):
+        out, cache = scan.forward(*(convert(x) for x in arrays.values()),
+                                  **{k: convert(v) if isinstance(v, np.ndarray) else v for k, v in options.items()})
+        return out, cache, scan.backward(convert(dout), cache)
+
+    out_t, _, grads_t = run_scan(lambda x: torch.as_tensor(x, device="cuda"))
+    out_n, _, grads_n = run_scan(cuda.to_device)
+    kinds_ok = isinstance(out_t, torch.Tensor) and all(isinstance(g, torch.Tensor) for g in grads_t if g is not None)
+    errors = {"out": relative_error(out_t.cpu().numpy(), out_n.copy_to_host()) if kinds_ok else float("inf")}
+    for label, g_t, g_n in zip(("du", "ddelta", "dA", "dBm", "dCm", "dD", "dz", "ddelta_bias"), grads_t, grads_n):
+        if g_t is not None:
+            errors[label] = relative_error(g_t.cpu().numpy(), g_n.copy_to_host()) if kinds_ok else float("inf")
+    _record_check(results, "selective_scan torch in/out", f"B={B} T={T} D={D} N={N}", "float32",
+                  "numba arrays", errors, 1e-5, time.time() - started)
+    tensors = {key: torch.as_tensor(value, device="cuda") for key, value in arrays.items()}
+    plain = {"D": torch.ones(D, device="cuda")}
+    dout_t = torch.as_tensor(dout, device="cuda")
+    forward = lambda: scan.forward(*tensors.values(), **plain)                   # noqa: E731
+    t_fwd = time_gpu(forward)
+    _record_timing(results, "timings", op="scan fwd (torch in/out)", shape=f"B={B} T={T} D={D} N={N}", L=T, **t_fwd)
+    t_both = time_gpu(lambda: scan.backward(dout_t, forward()[1]), warmup=1, repeats=5)
+    _record_timing(results, "timings", op="scan fwd+bwd (torch in/out)", shape=f"B={B} T={T} D={D} N={N}", L=T,
+                   **t_both, ratio_to_fwd=t_both["ms"] / t_fwd["ms"])
+    del tensors, dout_t
+
+    B, H, T, d = (1, 2, 64, 8) if smoke else (2, 16, 16384, 64)
+    (q, k, v), _, do = la_inputs(B, H, T, d, d, np.float32, 25)
+    q, k, v, do = (torch.as_tensor(x, device="cuda") for x in (q, k, v, do))
+    forward = lambda: la.forward(q, k, v)                                      # noqa: E731
+    t_fwd = time_gpu(forward)
+    _record_timing(results, "timings", op="linear_attn fwd (torch in/out)", shape=f"B={B} H={H} T={T} d={d}", L=T,
+                   **t_fwd)
+    t_both = time_gpu(lambda: la.backward(do, forward()[1]), warmup=1, repeats=5)
+    _record_timing(results, "timings", op="linear_attn fwd+bwd (torch in/out)", shape=f"B={B} H={H} T={T} d={d}",
+                   L=T, **t_both, ratio_to_fwd=t_both["ms"] / t_fwd["ms"])
+
+
+SWEEP_UNTIL_S = 330   # the sweep starts no new block shape after this many seconds of the run
 SWEEP = [  # scan block shapes to compare (chunk = segments x steps must agree between fwd and bwd)
-    dict(),
-    dict(fwd_segments=4, fwd_steps=16, fwd_min_blocks=0, bwd_min_blocks=2),
-    dict(fwd_segments=4, fwd_steps=16, fwd_min_blocks=3, bwd_segments=4, bwd_steps=16, bwd_min_blocks=2),
+    dict(),                                        # the default
+    dict(fwd_prefetch=True),                       # next chunk's reads in flight during the scan
+    dict(fwd_prefetch=True, fwd_min_blocks=2),     # ... with registers capped for 2 blocks per SM
+    dict(fwd_min_blocks=3),                        # 3 blocks per SM: 768 blocks in 2 waves, not 3
+    dict(channels=4, fwd_prefetch=True),           # 128-thread blocks, twice as many
+    dict(fwd_segments=2, fwd_steps=32, fwd_prefetch=True),   # half the threads, longer segments
 ]
 LA_SWEEP = [(64, 4), (64, 8), (32, 4)]   # linear attention (tile = chunk, register tile)
 
@@ -459,7 +530,7 @@ def section_la_sweep(results, smoke):
     reference = None
     try:
         for tile, reg in (LA_SWEEP if not smoke else [(8, 4), (8, 2)]):
-            if elapsed() > SWEEP_UNTIL_S + 30 and not smoke:
+            if elapsed() > SWEEP_UNTIL_S + 60 and not smoke:
                 log("(sweep stopped: time budget)")
                 break
             try:
@@ -580,7 +651,39 @@ def section_summary(results):
             peer = figures.get(("fla_fwdbwd", L))
             add(f"linear attn fwd+bwd L={L}: ours / fla (ms)", both["ms"], peer,
                 both["ms"] / peer if peer else None, target_both, "lower", source)
+    torch_scan = _ours(results, "scan fwd (torch in/out)", 4096)
+    if torch_scan:
+        peer = figures.get(("mambapy", 4096))
+        add("scan fwd L=4096, torch in/out: speed-up vs pscan (ms)", torch_scan["ms"], peer,
+            peer / torch_scan["ms"] if peer else None, TARGETS["scan_speedup_vs_mambapy"], "higher",
+            "measured" if ("mambapy", 4096) in measured else "recorded H100")
+    for op, target in (("linear_attn fwd (torch in/out)", "la_fwd_over_fla"),
+                       ("linear_attn fwd+bwd (torch in/out)", "la_fwdbwd_over_fla")):
+        row = _ours(results, op, 16384)
+        peer_key = ("fla_fwd" if "bwd" not in op else "fla_fwdbwd", 16384)
+        if row:
+            peer = figures.get(peer_key)
+            add(f"{op.replace('linear_attn', 'linear attn')} L=16384: ours / fla (ms)", row["ms"], peer,
+                row["ms"] / peer if peer else None, TARGETS[target], "lower",
+                "measured" if peer_key in measured else "recorded H100")
+    # the fastest correct entry of each sweep (same shapes as the target rows above)
+    sweep = [row for row in results.data["sweep"] if row["rel_error_vs_default"] <= 1e-4]
+    best_scan = min((row for row in sweep if row["op"] == "scan sweep fwd"), key=lambda row: row["ms"], default=None)
+    if best_scan:
+        peer = figures.get(("mambapy", best_scan["L"]))
+        add(f"scan fwd L={best_scan['L']}, best of sweep: speed-up vs pscan (ms)", best_scan["ms"], peer,
+            peer / best_scan["ms"] if peer else None, TARGETS["scan_speedup_vs_mambapy"], "higher",
+            "measured" if ("mambapy", best_scan["L"]) in measured else "recorded H100")
+        add(f"scan L={best_scan['L']}, best of sweep: fwd+bwd / fwd (ms)", best_scan["fwdbwd_ms"], best_scan["ms"],
+            best_scan["fwdbwd_ms"] / best_scan["ms"], TARGETS["scan_fwdbwd_over_fwd"], "lower", "ours")
+    best_la = min((row for row in sweep if row["op"] == "linear_attn sweep fwd"), key=lambda row: row["ms"], default=None)
+    if best_la:
+        peer = figures.get(("fla_fwd", best_la["L"]))
+        add(f"linear attn fwd L={best_la['L']}, best of sweep: ours / fla (ms)", best_la["ms"], peer,
+            best_la["ms"] / peer if peer else None, TARGETS["la_fwd_over_fla"], "lower",
+            "measured" if ("fla_fwd", best_la["L"]) in measured else "recorded H100")
     results.data["summary"] = rows
+    results.data["best_of_sweep"] = {"scan": best_scan and best_scan["shape"], "linear_attn": best_la and best_la["shape"]}
 
     checks = results.data["correctness"]
     log("\n" + "=" * 110)
@@ -597,6 +700,9 @@ def section_summary(results):
         met = {True: "yes", False: "NO", None: ""}[row["met"]]
         log(f"{row['what']:<56}{cell(row['ours'])}{cell(row['peer'])}{ratio}  {row['target']:<9}{met:<6}"
             f"{row['peer_source']}")
+    for op, shape in results.data["best_of_sweep"].items():
+        if shape:
+            log(f"fastest {op} block shape of the sweep: {shape}")
     if results.data["errors"]:
         log(f"sections with errors: {[e['section'] for e in results.data['errors']]}")
     log(f"total time {elapsed():.0f} s; results in {results.folder}")
@@ -620,12 +726,13 @@ def main():
             scan.set_config(dtype, channels=2, state_threads=2, states_per_thread=2, fwd_segments=2, fwd_steps=4,
                             bwd_segments=2, bwd_steps=4)
             la.set_tile(dtype, 8)
-        SWEEP[1:] = [dict(fwd_segments=4, fwd_steps=2)]
+        SWEEP[1:] = [dict(fwd_segments=4, fwd_steps=2), dict(fwd_prefetch=True)]
 
     results = Results(args.out)
     results.section("environment", section_environment)
     results.section("correctness", section_correctness, args.smoke)
     results.section("timings", section_timings, args.smoke)
+    results.section("torch tensors in and out", section_torch, args.smoke)
     if not args.no_peers:
         results.section("peers", section_peers, args.smoke, args.peers_timeout)
     if not args.no_sweep:
