@@ -42,8 +42,9 @@ Inside a chunk the scan is two-level, with the associative operator of the refer
   2. the segments' aggregates are scanned across threads in shared memory (Hillis-Steele,
      _segment_scan), with the state carried out of the previous chunk folded into the first
      segment, so that every segment learns the state it starts from;
-  3. fix-up: each thread replays its steps from that state, h_t = a_t h_{t-1} + b_t, with the a_t, b_t
-     it kept (no second exp), and adds C_t h_t into y.
+  3. fix-up: each thread replays its steps from that state, h_t = a_t h_{t-1} + b_t (computing a_t
+     and b_t again: a second exp2 costs less than the registers that would keep them, see
+     ScanConfig.fwd_store_steps), and adds C_t h_t into y.
 
 The C-contraction y_t = Σ_n C_t h_t is a reduction over the state threads through shared memory.
 The only per-step state that reaches global memory is the state entering every chunk, `carries`
@@ -98,6 +99,9 @@ class ScanConfig:
                                room for (CUDA launch bounds: it then caps the registers per thread)
     fwd_prefetch               forward: read the next chunk's inputs into registers while the current
                                chunk is scanned (hides the global-memory latency; costs registers)
+    fwd_store_steps            forward: keep each step's a_t, b_t in registers from the local scan for
+                               the fix-up (2 × STEPS × STATES_PER_THREAD registers), or compute them
+                               again there (a second exp2 per step and state, far fewer registers)
     """
     channels: int = 8
     state_threads: int = 8
@@ -108,7 +112,9 @@ class ScanConfig:
     bwd_steps: int = 8
     fwd_min_blocks: int = 0
     bwd_min_blocks: int = 2     # caps the backward's registers: 512 threads at 121 registers do not launch
-    fwd_prefetch: bool = False
+    fwd_prefetch: bool = True
+    fwd_store_steps: bool = False   # storing them takes the forward from 118 to 152 registers (sm_90):
+                                    # one block of 256 threads per multiprocessor instead of two
 
     @property
     def chunk(self):
@@ -202,14 +208,15 @@ def _kernel_jit(threads, min_blocks):
 def _forward_kernel(dtype, config, N):
     NT, NPT = _layout(config, N)
     DG, S, K = config.channels, config.fwd_segments, config.fwd_steps
-    key = ("fwd", np.dtype(dtype).name, DG, NT, NPT, S, K, config.fwd_min_blocks, config.fwd_prefetch)
+    key = ("fwd", np.dtype(dtype).name, DG, NT, NPT, S, K, config.fwd_min_blocks, config.fwd_prefetch,
+           config.fwd_store_steps)
     if key not in _KERNELS:
         _KERNELS[key] = _make_forward_kernel(_numba_type(dtype), DG, NT, NPT, S, K, config.fwd_min_blocks,
-                                             config.fwd_prefetch)
+                                             config.fwd_prefetch, config.fwd_store_steps)
     return _KERNELS[key], DG * NT * S
 
 
-def _make_forward_kernel(real, DG, NT, NPT, S, K, min_blocks, PREFETCH):
+def _make_forward_kernel(real, DG, NT, NPT, S, K, min_blocks, PREFETCH, STORE_STEPS):
     NP = NT * NPT                # states handled per pass over the sequence
     CH = S * K                   # steps per chunk
     THREADS = DG * NT * S
@@ -255,8 +262,9 @@ def _make_forward_kernel(real, DG, NT, NPT, S, K, min_blocks, PREFETCH):
         if tid == 0:
             s_zero[0] = 0
 
-        decay = cuda.local.array((K, NPT), real)        # a_t of this thread's steps
-        drive = cuda.local.array((K, NPT), real)        # b_t
+        KEPT = K if STORE_STEPS else 1
+        decay = cuda.local.array((KEPT, NPT), real)     # a_t of this thread's steps (with STORE_STEPS)
+        drive = cuda.local.array((KEPT, NPT), real)     # b_t
         A2 = cuda.local.array(NPT, real)                # A log2 e
         h = cuda.local.array(NPT, real)
         prod = cuda.local.array(NPT, real)
@@ -303,7 +311,8 @@ def _make_forward_kernel(real, DG, NT, NPT, S, K, min_blocks, PREFETCH):
                             carries[batch, chunk, n, d] = carry_in[j]
                 cuda.syncthreads()
 
-                # 1. local scan of this segment from h = 0, keeping a_t and b_t
+                # 1. local scan of this segment from h = 0: its aggregate (Π a, h), and with
+                #    STORE_STEPS the a_t and b_t for step 3 (which otherwise computes them again)
                 for j in range(NPT):
                     h[j] = zero
                     prod[j] = one
@@ -314,8 +323,9 @@ def _make_forward_kernel(real, DG, NT, NPT, S, K, min_blocks, PREFETCH):
                     for j in range(NPT):
                         a = math.exp2(step * A2[j])
                         b = step_u * s_B[t, col0 + _u32(j)]
-                        decay[k, j] = a
-                        drive[k, j] = b
+                        if STORE_STEPS:
+                            decay[k, j] = a
+                            drive[k, j] = b
                         h[j] = a * h[j] + b
                         prod[j] = prod[j] * a
                 # the carried state comes first: (1, carry) ∘ (Π a, h) = (Π a, Π a · carry + h)
@@ -341,7 +351,13 @@ def _make_forward_kernel(real, DG, NT, NPT, S, K, min_blocks, PREFETCH):
                     t = row0 + _u32(k)
                     y = zero
                     for j in range(NPT):
-                        h[j] = decay[k, j] * h[j] + drive[k, j]
+                        if STORE_STEPS:
+                            a = decay[k, j]
+                            b = drive[k, j]
+                        else:
+                            a = math.exp2(s_step[t, lane] * A2[j])
+                            b = s_step_u[t, lane] * s_B[t, col0 + _u32(j)]
+                        h[j] = a * h[j] + b
                         y += s_C[t, col0 + _u32(j)] * h[j]
                     s_y[t, nt, lane] = y
                 cuda.syncthreads()
