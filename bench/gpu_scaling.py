@@ -6,6 +6,8 @@ For each op and L = 1K, 2K, ..., 64K (forward; forward + backward where cheap en
     linear attention  B=2 H=16 d=64        NumPy reference (small L), Numba CPU, numba.cuda, fla chunk / recurrent
     softmax attention B=2 H=16 d=64        PyTorch SDPA, causal (fp32 and bf16), the O(L²) baseline
 
+The numba.cuda kernels get PyTorch tensors, as the peers do, where PyTorch has CUDA.
+
 Run on the GPU machine (shared/gpu/README.md) after installing the carried wheels:
 
     export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
@@ -77,6 +79,19 @@ class Table:
             writer.writerows(self.rows)
 
 
+def to_gpu(x):
+    """x on the GPU as the peers get it, a PyTorch tensor (the kernels' outputs then come from
+    PyTorch's caching allocator too), or a Numba device array where PyTorch has no CUDA."""
+    try:
+        import torch
+        if torch.cuda.is_available():
+            return torch.as_tensor(x, device="cuda")
+    except ImportError:
+        pass
+    from numba import cuda
+    return cuda.to_device(x)
+
+
 def guarded(table, op, backend, L, measure):
     """Run measure() -> (fwd_ms, fwdbwd_ms); on any failure record why and carry on."""
     try:
@@ -113,11 +128,10 @@ def scan_rows(table, Ls, args):
             guarded(table, op, "numba-cpu", L, cpu_measure)
 
         def gpu_measure():
-            from numba import cuda
             from minilm.kernels.cuda import selective_scan as gpu
-            device = {key: cuda.to_device(value) for key, value in arrays.items()}
-            device_options = {key: cuda.to_device(value) for key, value in options.items()}
-            dout_d = cuda.to_device(dout)
+            device = {key: to_gpu(value) for key, value in arrays.items()}
+            device_options = {key: to_gpu(value) for key, value in options.items()}
+            dout_d = to_gpu(dout)
             forward = lambda: gpu.forward(*device.values(), **device_options)   # noqa: E731
             fwd = gpu_check.time_gpu(forward, 2, 5 if not args.smoke else 1)["ms"]
             both = gpu_check.time_gpu(lambda: gpu.backward(dout_d, forward()[1]), 1, 3 if not args.smoke else 1)["ms"]
@@ -149,9 +163,8 @@ def la_rows(table, Ls, args):
             guarded(table, op, "numba-cpu", L, cpu_measure)
 
         def gpu_measure():
-            from numba import cuda
             from minilm.kernels.cuda import linear_attention as gpu
-            qd, kd, vd, dod = (cuda.to_device(x) for x in (q, k, v, do))
+            qd, kd, vd, dod = (to_gpu(x) for x in (q, k, v, do))
             forward = lambda: gpu.forward(qd, kd, vd)                           # noqa: E731
             fwd = gpu_check.time_gpu(forward, 2, 5 if not args.smoke else 1)["ms"]
             both = gpu_check.time_gpu(lambda: gpu.backward(dod, forward()[1]), 1, 3 if not args.smoke else 1)["ms"]
