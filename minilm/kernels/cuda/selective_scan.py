@@ -28,11 +28,6 @@ How the work is laid out (one CUDA block per batch entry and group of CHANNELS c
     each thread owns STATES_PER_THREAD states of one channel and STEPS consecutive time steps
     a chunk = SEGMENTS × STEPS steps; the block walks the chunks in order (the backward: in reverse)
 
-Each chunk's inputs are staged in shared memory (Δ already through bias and softplus): every thread
-reads a few elements into registers (load), then writes them into the tiles (store). With
-fwd_prefetch the forward issues the loads of chunk c+1 right after storing chunk c, so that the
-reads are in flight while chunk c is scanned.
-
 Inside a chunk the scan is two-level, with the associative operator of the reference,
 
     (a1, b1) ∘ (a2, b2) = (a1 a2, a2 b1 + b2):
@@ -97,8 +92,6 @@ class ScanConfig:
                                backward restarts every chunk from the state the forward stored
     fwd_min_blocks, bwd_min_blocks   0, or the blocks per multiprocessor to ask the compiler to make
                                room for (CUDA launch bounds: it then caps the registers per thread)
-    fwd_prefetch               forward: read the next chunk's inputs into registers while the current
-                               chunk is scanned (hides the global-memory latency; costs registers)
     fwd_store_steps            forward: keep each step's a_t, b_t in registers from the local scan for
                                the fix-up (2 × STEPS × STATES_PER_THREAD registers), or compute them
                                again there (a second exp2 per step and state, far fewer registers)
@@ -110,11 +103,9 @@ class ScanConfig:
     fwd_steps: int = 16
     bwd_segments: int = 8
     bwd_steps: int = 8
-    fwd_min_blocks: int = 0
+    fwd_min_blocks: int = 4     # 62 registers, none spilled (sm_90): 4 blocks, 32 warps per multiprocessor
     bwd_min_blocks: int = 2     # caps the backward's registers: 512 threads at 121 registers do not launch
-    fwd_prefetch: bool = True
-    fwd_store_steps: bool = False   # storing them takes the forward from 118 to 152 registers (sm_90):
-                                    # one block of 256 threads per multiprocessor instead of two
+    fwd_store_steps: bool = False   # keeping a_t, b_t needs 109 registers, not 68 (sm_90, no launch bounds)
 
     @property
     def chunk(self):
@@ -208,21 +199,18 @@ def _kernel_jit(threads, min_blocks):
 def _forward_kernel(dtype, config, N):
     NT, NPT = _layout(config, N)
     DG, S, K = config.channels, config.fwd_segments, config.fwd_steps
-    key = ("fwd", np.dtype(dtype).name, DG, NT, NPT, S, K, config.fwd_min_blocks, config.fwd_prefetch,
-           config.fwd_store_steps)
+    key = ("fwd", np.dtype(dtype).name, DG, NT, NPT, S, K, config.fwd_min_blocks, config.fwd_store_steps)
     if key not in _KERNELS:
         _KERNELS[key] = _make_forward_kernel(_numba_type(dtype), DG, NT, NPT, S, K, config.fwd_min_blocks,
-                                             config.fwd_prefetch, config.fwd_store_steps)
+                                             config.fwd_store_steps)
     return _KERNELS[key], DG * NT * S
 
 
-def _make_forward_kernel(real, DG, NT, NPT, S, K, min_blocks, PREFETCH, STORE_STEPS):
+def _make_forward_kernel(real, DG, NT, NPT, S, K, min_blocks, STORE_STEPS):
     NP = NT * NPT                # states handled per pass over the sequence
     CH = S * K                   # steps per chunk
     THREADS = DG * NT * S
     ROUNDS = _rounds(S)
-    load, store = _make_staging(real, DG, NP, CH, THREADS)
-    PER_THREAD, PER_THREAD_BC = _staged_per_thread(DG, NP, CH, THREADS)
 
     @_kernel_jit(THREADS, min_blocks)
     def forward_kernel(u, delta, A, Bm, Cm, Dskip, z, bias, h0, out, carries, final_state,
@@ -245,12 +233,12 @@ def _make_forward_kernel(real, DG, NT, NPT, S, K, min_blocks, PREFETCH, STORE_ST
         zero = real(0)
         one = real(1)
         log2e = real(LOG2E)
+        threshold = real(SOFTPLUS_THRESHOLD)
 
         # one chunk of the inputs, shared by the block
         s_step = cuda.shared.array((CH, DG), real)      # Δ_t
         s_step_u = cuda.shared.array((CH, DG), real)    # Δ_t u_t
         s_u = cuda.shared.array((CH, DG), real)         # u_t
-        s_z = cuda.shared.array((CH, DG), real)         # z_t (with a gate)
         s_B = cuda.shared.array((CH, NP), real)
         s_C = cuda.shared.array((CH, NP), real)
         # segment aggregates (Π a, h), two buffers for the rounds of the segment scan
@@ -269,18 +257,10 @@ def _make_forward_kernel(real, DG, NT, NPT, S, K, min_blocks, PREFETCH, STORE_ST
         h = cuda.local.array(NPT, real)
         prod = cuda.local.array(NPT, real)
         carry_in = cuda.local.array(NPT, real)
-        # this thread's share of a chunk's inputs, between load and store
-        r_delta = cuda.local.array(PER_THREAD, real)
-        r_u = cuda.local.array(PER_THREAD, real)
-        r_z = cuda.local.array(PER_THREAD, real)
-        r_B = cuda.local.array(PER_THREAD_BC, real)
-        r_C = cuda.local.array(PER_THREAD_BC, real)
-        bias_d = bias[d] if d_ok else zero
 
         n_chunks = (T + CH - 1) // CH
         n_groups = (N + NP - 1) // NP
         for group in range(n_groups):
-            n_first = group * NP
             for j in range(NPT):
                 n = group * NP + nt * NPT + j
                 A2[j] = A[d, n] * log2e if (d_ok and n < N) else zero
@@ -290,19 +270,12 @@ def _make_forward_kernel(real, DG, NT, NPT, S, K, min_blocks, PREFETCH, STORE_ST
                         start = h0[batch, d, n]
                     s_carry[col0 + _u32(j), lane] = start
 
-            if PREFETCH:
-                load(u, delta, z, Bm, Cm, r_delta, r_u, r_z, r_B, r_C, batch, 0, d, n_first, has_z)
             for chunk in range(n_chunks):
                 t_first = chunk * CH
                 cuda.syncthreads()       # everyone is done with the previous chunk's tiles
                 row0 = _u32(seg * K) + s_zero[0]
-                if not PREFETCH:
-                    load(u, delta, z, Bm, Cm, r_delta, r_u, r_z, r_B, r_C, batch, t_first, d, n_first, has_z)
-                store(r_delta, r_u, r_z, r_B, r_C, bias_d, s_step, s_step_u, s_u, s_z, s_B, s_C,
-                      t_first, d, n_first, T, channels, N, softplus, has_z)
-                if PREFETCH and chunk + 1 < n_chunks:   # in flight while this chunk is scanned
-                    load(u, delta, z, Bm, Cm, r_delta, r_u, r_z, r_B, r_C, batch, t_first + CH, d, n_first,
-                         has_z)
+                _stage_inputs(u, delta, bias, Bm, Cm, s_step, s_step_u, s_u, s_B, s_C,
+                              batch, t_first, d_first, group * NP, softplus, threshold, zero)
                 if seg == 0:
                     for j in range(NPT):
                         carry_in[j] = s_carry[col0 + _u32(j), lane]
@@ -377,101 +350,57 @@ def _make_forward_kernel(real, DG, NT, NPT, S, K, min_blocks, PREFETCH, STORE_ST
                         if group == n_groups - 1:
                             y += Dskip[dd] * s_u[t_local, ln]
                             if has_z:
-                                gate = s_z[t_local, ln]
+                                gate = z[batch, t, dd]
                                 y = y * gate * _sigmoid(gate, one)
                         out[batch, t, dd] = y
 
     return forward_kernel
 
 
-def _staged_per_thread(DG, NP, CH, THREADS):
-    """(input elements, Bm/Cm elements) one thread moves per chunk (see _make_staging)."""
-    return -(-(CH * DG) // THREADS), -(-(CH * NP) // THREADS)
-
-
-def _make_staging(real, DG, NP, CH, THREADS):
-    """Two device functions that move one chunk of the inputs into shared memory:
-
-        load   global memory -> this thread's registers  (raw delta, u, z, Bm, Cm)
-        store  registers -> the block's shared tiles     (Δ through bias and softplus, Δu, u, z, B, C)
-
-    Called back to back they stage a chunk. Split, they let the forward start reading chunk c+1
-    before it scans chunk c: a load does not stall until its register is used, so the reads are in
-    flight during the scan (prefetch).
-
-    Thread tid handles the (step, channel) elements tid, tid + THREADS, ... of the chunk's CH × DG
-    tile; THREADS is a multiple of DG, so they all lie in the thread's own channel lane, and reads
-    of consecutive threads are consecutive channels (coalesced). Likewise the (step, state)
-    elements of the CH × NP tiles of Bm and Cm. Steps past T and channels past D get Δ = 0, u = 0
-    (the identity step a = 1, b = 0); states past N get B = C = 0.
-    """
-    PER_THREAD, PER_THREAD_BC = _staged_per_thread(DG, NP, CH, THREADS)
-    threshold = real(SOFTPLUS_THRESHOLD)
-
-    @cuda.jit(device=True)
-    def load(u, delta, z, Bm, Cm, r_delta, r_u, r_z, r_B, r_C, batch, t_first, d, n_first, has_z):
-        tid = cuda.threadIdx.x
-        T = u.shape[1]
-        N = Bm.shape[2]
-        if d < u.shape[2]:
-            for e in range(PER_THREAD):
-                index = tid + e * THREADS
-                t = t_first + index // DG
-                if index < CH * DG and t < T:
-                    r_delta[e] = delta[batch, t, d]
-                    r_u[e] = u[batch, t, d]
-                    if has_z:
-                        r_z[e] = z[batch, t, d]
-        for e in range(PER_THREAD_BC):
-            index = tid + e * THREADS
-            t = t_first + index // NP
-            n = n_first + index % NP
-            if index < CH * NP and t < T and n < N:
-                r_B[e] = Bm[batch, t, n]
-                r_C[e] = Cm[batch, t, n]
-
-    @cuda.jit(device=True)
-    def store(r_delta, r_u, r_z, r_B, r_C, bias_d, s_step, s_step_u, s_u, s_z, s_B, s_C,
-              t_first, d, n_first, T, channels, N, softplus, has_z):
-        tid = cuda.threadIdx.x
-        lane = _u32(tid % DG)
-        zero = real(0)
-        for e in range(PER_THREAD):
-            index = tid + e * THREADS
-            if index < CH * DG:
-                t_local = _u32(index // DG)
-                step = zero
-                value = zero
-                gate = zero
-                if t_first + t_local < T and d < channels:
-                    step = r_delta[e] + bias_d
-                    if softplus:
-                        step = _softplus(step, threshold)
-                    value = r_u[e]
-                    if has_z:
-                        gate = r_z[e]
-                s_step[t_local, lane] = step
-                s_step_u[t_local, lane] = step * value
-                s_u[t_local, lane] = value
-                if has_z:
-                    s_z[t_local, lane] = gate
-        for e in range(PER_THREAD_BC):
-            index = tid + e * THREADS
-            if index < CH * NP:
-                t_local = _u32(index // NP)
-                nl = _u32(index % NP)
-                B_value = zero
-                C_value = zero
-                if t_first + t_local < T and n_first + nl < N:
-                    B_value = r_B[e]
-                    C_value = r_C[e]
-                s_B[t_local, nl] = B_value
-                s_C[t_local, nl] = C_value
-
-    return load, store
-
-
 if cuda is not None:
+    @cuda.jit(device=True)
+    def _stage_inputs(u, delta, bias, Bm, Cm, s_step, s_step_u, s_u, s_B, s_C,
+                      batch, t_first, d_first, n_first, softplus, threshold, zero):
+        """Copy one chunk of the inputs into shared memory, Δ already through bias and softplus.
+
+        Steps past T and channels past D get Δ = 0, u = 0 (the identity step a = 1, b = 0); states
+        past N get B = C = 0. Consecutive threads read consecutive channels (coalesced).
+        """
+        tid = cuda.threadIdx.x
+        threads = cuda.blockDim.x
+        CH = s_step.shape[0]
+        DG = s_step.shape[1]
+        NP = s_B.shape[1]
+        T = u.shape[1]
+        channels = u.shape[2]
+        N = Bm.shape[2]
+        for index in range(tid, CH * DG, threads):
+            t_local = index // DG
+            ln = index % DG
+            t = t_first + t_local
+            dd = d_first + ln
+            step = zero
+            value = zero
+            if t < T and dd < channels:
+                step = delta[batch, t, dd] + bias[dd]
+                if softplus:
+                    step = _softplus(step, threshold)
+                value = u[batch, t, dd]
+            s_step[t_local, ln] = step
+            s_step_u[t_local, ln] = step * value
+            s_u[t_local, ln] = value
+        for index in range(tid, CH * NP, threads):
+            t_local = index // NP
+            nl = index % NP
+            t = t_first + t_local
+            n = n_first + nl
+            if t < T and n < N:
+                s_B[t_local, nl] = Bm[batch, t, n]
+                s_C[t_local, nl] = Cm[batch, t, n]
+            else:
+                s_B[t_local, nl] = zero
+                s_C[t_local, nl] = zero
+
     @cuda.jit(device=True)
     def _segment_scan(s_a, s_h, prod, h, seg, col0, lane, NPT, S, ROUNDS, reverse):
         """Inclusive Hillis-Steele scan of the segments' (Π a, h) pairs with ∘, across the block.
@@ -525,8 +454,6 @@ def _make_backward_kernel(real, DG, NT, NPT, S, K, min_blocks):
     CH = S * K
     THREADS = DG * NT * S
     ROUNDS = _rounds(S)
-    load, store = _make_staging(real, DG, NP, CH, THREADS)
-    PER_THREAD, PER_THREAD_BC = _staged_per_thread(DG, NP, CH, THREADS)
 
     @_kernel_jit(THREADS, min_blocks)
     def backward_kernel(dout, u, delta, A, Bm, Cm, Dskip, z, bias, carries,
@@ -577,11 +504,6 @@ def _make_backward_kernel(real, DG, NT, NPT, S, K, min_blocks):
         h_start = cuda.local.array(NPT, real)
         later = cuda.local.array(NPT, real)
         dA_sum = cuda.local.array(NPT, real)
-        r_delta = cuda.local.array(PER_THREAD, real)
-        r_u = cuda.local.array(PER_THREAD, real)
-        r_B = cuda.local.array(PER_THREAD_BC, real)
-        r_C = cuda.local.array(PER_THREAD_BC, real)
-        bias_d = bias[d] if d_ok else zero
 
         dD_sum = zero        # this thread's channel is the same in every epilogue below
         dbias_sum = zero
@@ -606,10 +528,8 @@ def _make_backward_kernel(real, DG, NT, NPT, S, K, min_blocks):
                 # unrolled loops (most of them atomics) on the fly instead of hoisting them out of
                 # the chunk loop into registers, which would cost ~100 registers per thread.
                 row0 = _u32(seg * K) + s_zero[0]
-                # the inputs (z is not staged here: has_z = 0; dy below applies the gate)
-                load(u, delta, z, Bm, Cm, r_delta, r_u, r_u, r_B, r_C, batch, t_first, d, group * NP, 0)
-                store(r_delta, r_u, r_u, r_B, r_C, bias_d, s_step, s_step_u, s_u, s_u, s_B, s_C,
-                      t_first, d, group * NP, T, channels, N, softplus, 0)
+                _stage_inputs(u, delta, bias, Bm, Cm, s_step, s_step_u, s_u, s_B, s_C,
+                              batch, t_first, d_first, group * NP, softplus, threshold, zero)
                 _stage_output_grad(dout, z, s_dy, s_dB, s_dC, s_gB, s_gAh, s_y,
                                    batch, t_first, d_first, has_z, zero, one)
                 for j in range(NPT):
