@@ -122,7 +122,7 @@ def rows_for_scan(cc, ptxas, N=16):
         NT, NPT = scan._layout(config, N)
         DG = config.channels
         forward_args = (DG, NT, NPT, config.fwd_segments, config.fwd_steps, config.fwd_min_blocks,
-                        config.fwd_prefetch, config.fwd_store_steps)
+                        config.fwd_store_steps)
         backward_args = (DG, NT, NPT, config.bwd_segments, config.bwd_steps, config.bwd_min_blocks)
         kernels = [("scan forward", forward_args, DG * NT * config.fwd_segments, config.fwd_min_blocks,
                     forward_sig, scan._make_forward_kernel),

@@ -478,14 +478,13 @@ def section_torch(results, smoke):
 
 SWEEP_UNTIL_S = 420   # the sweep starts no new block shape after this many seconds of the run
 SWEEP = [  # scan block shapes, most promising first (chunk = segments x steps, same fwd and bwd);
-           # registers and warps per SM for sm_90 from bench/cuda_registers.py
-    dict(),                                          # fwd 123 registers, 16 warps; bwd 64 (spills), 32 warps
-    dict(fwd_prefetch=False, fwd_store_steps=True),  # the forward as first measured: 152 registers, 8 warps
-    dict(fwd_prefetch=False),                        # fwd 118 registers, 16 warps
-    dict(bwd_min_blocks=1),                          # bwd 128 registers, no spills, 16 warps
-    dict(fwd_prefetch=False, fwd_min_blocks=3),      # fwd 80 registers (40 B spilled), 24 warps
-    dict(fwd_min_blocks=3),                          # fwd 80 registers (152 B spilled), 24 warps
-    dict(bwd_segments=4, bwd_steps=16),              # bwd 256-thread blocks, 128 registers (spills), 16 warps
+           # registers and warps per multiprocessor for sm_90 from bench/cuda_registers.py
+    dict(),                                          # fwd 62 registers, 32 warps; bwd 64 (spills), 32 warps
+    dict(fwd_min_blocks=0),                          # fwd 68 registers, 24 warps
+    dict(fwd_store_steps=True, fwd_min_blocks=0),    # the forward as first measured: 109 registers, 16 warps
+    dict(bwd_min_blocks=1),                          # bwd 108 registers, none spilled, 16 warps
+    dict(fwd_min_blocks=5),                          # fwd 48 registers (16 B spilled), 40 warps
+    dict(bwd_segments=4, bwd_steps=16),              # bwd 256-thread blocks, 128 registers (60 B spilled), 16 warps
 ]
 LA_SWEEP = [(64, 4), (64, 8), (32, 4)]   # linear attention (tile = chunk, register tile)
 
@@ -736,7 +735,7 @@ def main():
             scan.set_config(dtype, channels=2, state_threads=2, states_per_thread=2, fwd_segments=2, fwd_steps=4,
                             bwd_segments=2, bwd_steps=4)
             la.set_tile(dtype, 8)
-        SWEEP[1:] = [dict(fwd_prefetch=False, fwd_store_steps=True), dict(bwd_segments=4, bwd_steps=2)]
+        SWEEP[1:] = [dict(fwd_store_steps=True), dict(bwd_segments=4, bwd_steps=2)]
 
     results = Results(args.out)
     results.section("environment", section_environment)
