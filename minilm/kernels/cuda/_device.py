@@ -67,6 +67,18 @@ def device_name():
     return reason if ok else f"unavailable: {reason}"
 
 
+def jit_kernel(threads, min_blocks):
+    """cuda.jit with launch bounds: the compiler keeps each thread's registers low enough for
+    `min_blocks` blocks of `threads` threads to share a multiprocessor (0: no bound). The simulator,
+    and a numba-cuda without launch bounds, get plain cuda.jit."""
+    if min_blocks and not simulator_enabled():
+        try:
+            return cuda.jit(launch_bounds=(threads, min_blocks))
+        except TypeError:
+            pass
+    return cuda.jit
+
+
 # ----------------------------------------------------------------------------------------------
 # array kinds in and out
 

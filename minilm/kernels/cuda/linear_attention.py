@@ -68,20 +68,26 @@ DECAY_NONE, DECAY_PER_HEAD, DECAY_PER_STEP = 0, 1, 2
 # the register tile each thread accumulates (REG × REG outputs): a block has (TILE / REG)^2 threads.
 TILES = {"float32": 64, "float64": 32}
 REGS = {"float32": 4, "float64": 4}
+# Launch bounds of the tile kernels, per dtype: blocks per multiprocessor to leave room for (0: none).
+# With 64-step tiles and 4 × 4 register tiles, 3 caps dk and dv at 80 registers (86 and 92 unbounded;
+# sm_90, bench/cuda_registers.py): 24 resident warps instead of 16; 4 (64 registers) would spill.
+MIN_BLOCKS = {"float32": 3, "float64": 0}
 SCAN_THREADS = 256     # threads per block of the chunk scan and of the decay-gradient kernel
 SCAN_UNROLL = 4        # chunks whose increments the scan loads before folding them in (more loads in flight)
 
 
-def set_tile(dtype, tile, reg=None):
-    """Change the tile (= chunk length) and optionally the register tile used for `dtype`.
+def set_tile(dtype, tile, reg=None, min_blocks=None):
+    """Change the tile (= chunk length), and optionally the register tile and the launch bounds
+    (MIN_BLOCKS), used for `dtype`.
 
-    tile must be a multiple of 4 and of reg. Returns the previous (tile, reg).
+    tile must be a multiple of 4 and of reg. Returns the previous (tile, reg, min_blocks).
     """
     reg = REGS[dtype] if reg is None else reg
+    min_blocks = MIN_BLOCKS[dtype] if min_blocks is None else min_blocks
     if tile % reg or tile % 4 or tile < reg:
         raise ValueError(f"tile must be a positive multiple of 4 and of reg={reg}, got {tile}")
-    previous = TILES[dtype], REGS[dtype]
-    TILES[dtype], REGS[dtype] = tile, reg
+    previous = TILES[dtype], REGS[dtype], MIN_BLOCKS[dtype]
+    TILES[dtype], REGS[dtype], MIN_BLOCKS[dtype] = tile, reg, min_blocks
     return previous
 
 
@@ -239,17 +245,17 @@ def _numba_type(dtype):
 
 def _kernels(dtype):
     name = np.dtype(dtype).name
-    key = (name, TILES[name], REGS[name])
+    key = (name, TILES[name], REGS[name], MIN_BLOCKS[name])
     if key not in _KERNELS:
-        _KERNELS[key] = _make_kernels(_numba_type(dtype), TILES[name], REGS[name])
+        _KERNELS[key] = _make_kernels(_numba_type(dtype), TILES[name], REGS[name], MIN_BLOCKS[name])
     return _KERNELS[key]
 
 
-def _make_kernels(real, TILE, R):
+def _make_kernels(real, TILE, R, min_blocks):
     PAD = TILE + 1
     TX = TILE // R           # threads along a tile's columns (and rows)
 
-    @cuda.jit
+    @_device.jit_kernel(TX * TX, min_blocks)
     def outer_kernel(xsrc, ysrc, g, out, chunk_decay, T, Dx, Dy, fmap, decay_mode, from_start, scale):
         """out[b, h, c] (Dx × Dy) = Σ_s w_s φ(x_s)ᵀ y_s over chunk c, w_s = exp(Γ_end − Γ_s) for the
         state increment ΔS_c, or w_s = scale · exp(Γ_s) (from_start) for the gradient increment ΔG_c.
@@ -297,7 +303,7 @@ def _make_kernels(real, TILE, R):
         if cuda.blockIdx.y == 0 and tid == 0:
             chunk_decay[b, h, chunk] = s_gamma[TILE - 1]
 
-    @cuda.jit
+    @_device.jit_kernel(TX * TX, min_blocks)
     def output_kernel(q, k, v, g, states, out, T, Dk, Dv, fmap, decay_mode, scale):
         """out_t = scale (exp(Γ_t) φ(q_t) S_c + Σ_{s ≤ t} exp(Γ_t − Γ_s)(φ(q_t)·φ(k_s)) v_s), one Dv tile."""
         chunk = cuda.blockIdx.x
@@ -384,7 +390,7 @@ def _make_kernels(real, TILE, R):
             if not reverse:
                 final[b, h, e] = running
 
-    @cuda.jit
+    @_device.jit_kernel(TX * TX, min_blocks)
     def dq_kernel(q, k, v, do, g, states, dq, dgamma, T, Dk, Dv, fmap, decay_mode, scale):
         """dq for one Dk tile: dφ(Q) = (dP ⊙ M) φ(K) + scale exp(Γ) dO S_cᵀ, dq = dφ(Q) ⊙ φ'(q)."""
         chunk = cuda.blockIdx.x
@@ -429,7 +435,7 @@ def _make_kernels(real, TILE, R):
         _finish_key_grad(q, dq, dgamma, acc_q, acc, s_gamma, s_db, bh, t_first, kt, T, Dk, fmap,
                          decay_mode, ty, tx, one, False, scale)
 
-    @cuda.jit
+    @_device.jit_kernel(TX * TX, min_blocks)
     def dk_kernel(q, k, v, do, g, grads, dk, dgamma, T, Dk, Dv, fmap, decay_mode, scale):
         """dk for one Dk tile: dφ(K) = (dP ⊙ M)ᵀ φ(Q) + exp(Γ_end − Γ) V G_cᵀ, dk = dφ(K) ⊙ φ'(k)."""
         chunk = cuda.blockIdx.x
@@ -474,7 +480,7 @@ def _make_kernels(real, TILE, R):
         _finish_key_grad(k, dk, dgamma, acc_k, acc, s_gamma, s_db, bh, t_first, kt, T, Dk, fmap,
                          decay_mode, ty, tx, one, True, scale)
 
-    @cuda.jit
+    @_device.jit_kernel(TX * TX, min_blocks)
     def dv_kernel(q, k, do, g, grads, dv, T, Dk, Dv, fmap, decay_mode, scale):
         """dv for one Dv tile: dV = (A ⊙ M)ᵀ dO + exp(Γ_end − Γ) φ(K) G_c."""
         chunk = cuda.blockIdx.x

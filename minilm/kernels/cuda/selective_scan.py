@@ -186,16 +186,6 @@ def _layout(config, N):
 _KERNELS = {}
 
 
-def _kernel_jit(threads, min_blocks):
-    """cuda.jit, with launch bounds (threads per block, blocks per multiprocessor) when asked for."""
-    if min_blocks and not _device.simulator_enabled():
-        try:
-            return cuda.jit(launch_bounds=(threads, min_blocks))
-        except TypeError:  # a numba-cuda without launch bounds
-            pass
-    return cuda.jit
-
-
 def _forward_kernel(dtype, config, N):
     NT, NPT = _layout(config, N)
     DG, S, K = config.channels, config.fwd_segments, config.fwd_steps
@@ -212,7 +202,7 @@ def _make_forward_kernel(real, DG, NT, NPT, S, K, min_blocks, STORE_STEPS):
     THREADS = DG * NT * S
     ROUNDS = _rounds(S)
 
-    @_kernel_jit(THREADS, min_blocks)
+    @_device.jit_kernel(THREADS, min_blocks)
     def forward_kernel(u, delta, A, Bm, Cm, Dskip, z, bias, h0, out, carries, final_state,
                        has_z, has_h0, softplus):
         batch = cuda.blockIdx.y
@@ -455,7 +445,7 @@ def _make_backward_kernel(real, DG, NT, NPT, S, K, min_blocks):
     THREADS = DG * NT * S
     ROUNDS = _rounds(S)
 
-    @_kernel_jit(THREADS, min_blocks)
+    @_device.jit_kernel(THREADS, min_blocks)
     def backward_kernel(dout, u, delta, A, Bm, Cm, Dskip, z, bias, carries,
                         du, ddelta, dz, dA, dBm, dCm, dD, dbias,
                         has_z, softplus):
