@@ -144,12 +144,13 @@ def rows_for_linear_attention(cc, ptxas):
     from numba import float32
     from minilm.kernels.cuda import linear_attention as la
     rows = []
-    for tile, reg in gpu_check.LA_SWEEP:
-        kernels = la._make_kernels(float32, tile, reg)
+    for tile, reg, min_blocks in gpu_check.LA_SWEEP:
+        kernels = la._make_kernels(float32, tile, reg, min_blocks)
+        bounds = (kernels["threads"], min_blocks) if min_blocks else None
         for name, signature in la_signatures().items():
             rows.append(dict(kernel=f"linear attention {name}", config=f"tile={tile} reg={reg}",
-                             threads=kernels["threads"], launch_bounds="-",
-                             **compile_resources(kernels[name], signature, cc, ptxas)))
+                             threads=kernels["threads"], launch_bounds=str(bounds) if bounds else "-",
+                             **compile_resources(kernels[name], signature, cc, ptxas, bounds)))
     return rows
 
 

@@ -486,7 +486,8 @@ SWEEP = [  # scan block shapes, most promising first (chunk = segments x steps, 
     dict(fwd_min_blocks=5),                          # fwd 48 registers (16 B spilled), 40 warps
     dict(bwd_segments=4, bwd_steps=16),              # bwd 256-thread blocks, 128 registers (60 B spilled), 16 warps
 ]
-LA_SWEEP = [(64, 4), (64, 8), (32, 4)]   # linear attention (tile = chunk, register tile)
+LA_SWEEP = [  # linear attention: (tile = chunk, register tile, launch bounds: blocks per SM or 0)
+    (64, 4, 3), (64, 4, 0), (64, 8, 0), (32, 4, 0)]
 
 
 def section_sweep(results, smoke):
@@ -529,26 +530,28 @@ def section_la_sweep(results, smoke):
     B, H, T, d = (1, 2, 64, 8) if smoke else (2, 16, 16384, 64)
     (q, k, v), _, do = la_inputs(B, H, T, d, d, np.float32, 23)
     q, k, v, do = (cuda.to_device(x) for x in (q, k, v, do))
-    default = la.TILES["float32"], la.REGS["float32"]
+    default = la.TILES["float32"], la.REGS["float32"], la.MIN_BLOCKS["float32"]
     reference = None
     try:
-        for tile, reg in (LA_SWEEP if not smoke else [(8, 4), (8, 2)]):
+        for tile, reg, min_blocks in (LA_SWEEP if not smoke else [(8, 4, 3), (8, 2, 0)]):
             if elapsed() > SWEEP_UNTIL_S + 60 and not smoke:
                 log("(sweep stopped: time budget)")
                 break
+            shape = f"tile={tile} reg={reg} min_blocks={min_blocks}"
             try:
-                la.set_tile("float32", tile, reg)
-                out = la.forward(q, k, v)[0].copy_to_host()
+                la.set_tile("float32", tile, reg, min_blocks)
+                out, cache = la.forward(q, k, v)
+                results_now = [out.copy_to_host()] + [g.copy_to_host() for g in la.backward(do, cache)]
                 if reference is None:
-                    reference = out
-                error = relative_error(out, reference)
+                    reference = results_now
+                error = max(relative_error(a, b) for a, b in zip(results_now, reference))
                 t_fwd = time_gpu(lambda: la.forward(q, k, v), warmup=1, repeats=7)
                 t_both = time_gpu(lambda: la.backward(do, la.forward(q, k, v)[1]), warmup=1, repeats=3)
-                _record_timing(results, "sweep", op="linear_attn sweep fwd", shape=f"tile={tile} reg={reg}", L=T,
+                _record_timing(results, "sweep", op="linear_attn sweep fwd", shape=shape, L=T,
                                **t_fwd, fwdbwd_ms=t_both["ms"], rel_error_vs_default=error)
             except Exception as error:
-                log(f"!!! sweep tile={tile} reg={reg} failed: {error!r}")
-                results.data["errors"].append({"section": f"sweep tile={tile} reg={reg}", "error": repr(error)[:300]})
+                log(f"!!! sweep {shape} failed: {error!r}")
+                results.data["errors"].append({"section": f"sweep {shape}", "error": repr(error)[:300]})
             finally:
                 la.set_tile("float32", *default)
     finally:
@@ -689,10 +692,18 @@ def section_summary(results):
         add(f"linear attn fwd L={best_la['L']}, best of sweep: ours / fla (ms)", best_la["ms"], peer,
             best_la["ms"] / peer if peer else None, TARGETS["la_fwd_over_fla"], "lower",
             "measured" if ("fla_fwd", best_la["L"]) in measured else "recorded H100")
+    best_la_both = min((row for row in sweep if row["op"] == "linear_attn sweep fwd"),
+                       key=lambda row: row["fwdbwd_ms"], default=None)
+    if best_la_both:
+        peer = figures.get(("fla_fwdbwd", best_la_both["L"]))
+        add(f"linear attn fwd+bwd L={best_la_both['L']}, best of sweep: ours / fla (ms)", best_la_both["fwdbwd_ms"],
+            peer, best_la_both["fwdbwd_ms"] / peer if peer else None, TARGETS["la_fwdbwd_over_fla"], "lower",
+            "measured" if ("fla_fwdbwd", best_la_both["L"]) in measured else "recorded H100")
     results.data["summary"] = rows
     results.data["best_of_sweep"] = {"scan forward": best_scan and best_scan["shape"],
                                      "scan forward+backward": best_both and best_both["shape"],
-                                     "linear_attn": best_la and best_la["shape"]}
+                                     "linear_attn forward": best_la and best_la["shape"],
+                                     "linear_attn forward+backward": best_la_both and best_la_both["shape"]}
 
     checks = results.data["correctness"]
     log("\n" + "=" * 110)
