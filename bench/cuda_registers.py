@@ -84,8 +84,9 @@ def occupancy(threads, registers, shared_bytes, cc):
     """Blocks and warps per multiprocessor, and what limits them."""
     warps = -(-threads // 32)
     per_warp = -(-max(registers, 1) * 32 // 256) * 256          # registers are given out per warp, 256 at a time
+    shared_per_sm = SHARED_PER_SM.get(cc, SHARED_PER_SM[(9, 0)])
     limits = {"registers": REGISTERS_PER_SM // (warps * per_warp),
-              "shared memory": SHARED_PER_SM.get(cc, SHARED_PER_SM[(9, 0)]) // (shared_bytes + SHARED_RESERVED_PER_BLOCK),
+              "shared memory": shared_per_sm // (shared_bytes + SHARED_RESERVED_PER_BLOCK),
               "threads": THREADS_PER_SM // threads,
               "blocks": BLOCKS_PER_SM}
     blocks = min(limits.values())

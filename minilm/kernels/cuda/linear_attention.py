@@ -722,7 +722,8 @@ def backward(do, cache):
     dq = _device.empty((B, H, T, Dk), dtype, kind)
     dk = _device.empty((B, H, T, Dk), dtype, kind)
     dv = _device.empty((B, H, T, Dv), dtype, kind)
-    dgamma = _device.zeros((B, H, T), dtype, kind) if decay_mode != DECAY_NONE else _device.placeholder((1, 1, 1), dtype)
+    dgamma = _device.zeros((B, H, T), dtype, kind) if decay_mode != DECAY_NONE \
+        else _device.placeholder((1, 1, 1), dtype)
     kernels["dq"][(n_chunks, _grid_tiles(Dk, tile), B * H), threads](
         q_d, k_d, v_d, do_d, g_d, cache["states"], dq, dgamma, T, Dk, Dv, fmap, decay_mode, scale)
     kernels["dk"][(n_chunks, _grid_tiles(Dk, tile), B * H), threads](
