@@ -385,39 +385,39 @@ def scan_bytes(B, T, D, N, gated):
     return 4 * (B * T * D * (4 if gated else 3) + 2 * B * T * N)
 
 
+def time_pair(results, op, shape, L, forward, backward, label="", forward_fields=None):
+    """Time forward() and then forward() + backward(its cache), as training runs them; record the rows
+    "<op> fwd<label>" and "<op> fwd+bwd<label>". forward_fields(ms): extra fields of the forward row."""
+    t_fwd = time_gpu(forward)
+    _record_timing(results, "timings", op=f"{op} fwd{label}", shape=shape, L=L, **t_fwd,
+                   **(forward_fields(t_fwd["ms"]) if forward_fields else {}))
+    t_both = time_gpu(lambda: backward(forward()[1]), warmup=1, repeats=5)
+    _record_timing(results, "timings", op=f"{op} fwd+bwd{label}", shape=shape, L=L, **t_both,
+                   ratio_to_fwd=t_both["ms"] / t_fwd["ms"])
+
+
 def section_timings(results, smoke):
+    from numba import cuda
     from minilm.kernels.cuda import linear_attention as la
     from minilm.kernels.cuda import selective_scan as scan
     shapes = [(1, 64, 16, 4)] if smoke else [(4, 1024, 1536, 16), (4, 4096, 1536, 16)]
     for B, T, D, N in shapes:
         device, plain, full, dout = scan_device_inputs(B, T, D, N, 20)
-        shape = f"B={B} T={T} D={D} N={N}"
         for label, options in (("", plain), (" +z,bias,softplus", full)):
-            forward = lambda: scan.forward(*device.values(), **options)           # noqa: E731
-            both = lambda: scan.backward(dout, forward()[1])                       # noqa: E731
-            t_fwd = time_gpu(forward)
             gb = scan_bytes(B, T, D, N, "z" in options) / 1e9
-            _record_timing(results, "timings", op="scan fwd" + label, shape=shape, L=T, **t_fwd,
-                           GBps=gb / (t_fwd["ms"] / 1e3))
-            t_both = time_gpu(both, warmup=1, repeats=5)
-            _record_timing(results, "timings", op="scan fwd+bwd" + label, shape=shape, L=T, **t_both,
-                           ratio_to_fwd=t_both["ms"] / t_fwd["ms"])
+            time_pair(results, "scan", f"B={B} T={T} D={D} N={N}", T,
+                      lambda: scan.forward(*device.values(), **options),
+                      lambda cache: scan.backward(dout, cache), label,
+                      forward_fields=lambda ms: {"GBps": gb / (ms / 1e3)})
         del device, plain, full, dout
     for T in ([64] if smoke else [1024, 4096, 16384]):
         B, H, Dk = (1, 2, 8) if smoke else (2, 16, 64)
-        from numba import cuda
         (q, k, v), _, do = la_inputs(B, H, T, Dk, Dk, np.float32, 21)
         q, k, v, do = (cuda.to_device(x) for x in (q, k, v, do))
-        forward = lambda: la.forward(q, k, v)                                      # noqa: E731
-        both = lambda: la.backward(do, forward()[1])                               # noqa: E731
-        shape = f"B={B} H={H} T={T} d={Dk}"
-        t_fwd = time_gpu(forward)
         flops = 2 * B * H * (T // 64 + 1) * (4 * 64 ** 3)     # QKᵀ, AV, QS, KᵀV per 64-chunk (no causal skip)
-        _record_timing(results, "timings", op="linear_attn fwd", shape=shape, L=T, **t_fwd,
-                       TFLOPs=flops / (t_fwd["ms"] / 1e3) / 1e12)
-        t_both = time_gpu(both, warmup=1, repeats=5)
-        _record_timing(results, "timings", op="linear_attn fwd+bwd", shape=shape, L=T, **t_both,
-                       ratio_to_fwd=t_both["ms"] / t_fwd["ms"])
+        time_pair(results, "linear_attn", f"B={B} H={H} T={T} d={Dk}", T,
+                  lambda: la.forward(q, k, v), lambda cache: la.backward(do, cache),
+                  forward_fields=lambda ms: {"TFLOPs": flops / (ms / 1e3) / 1e12})
 
 
 def section_torch(results, smoke):
@@ -436,6 +436,7 @@ def section_torch(results, smoke):
     from minilm.kernels.cuda import selective_scan as scan
     started = time.time()
     B, T, D, N = (1, 64, 16, 4) if smoke else (4, 4096, 1536, 16)
+    shape = f"B={B} T={T} D={D} N={N}"
     arrays, options, dout = scan_inputs(B, T, D, N, np.float32, 24)
     options = {key: value for key, value in options.items() if key != "initial_state"}
 
@@ -451,29 +452,20 @@ def section_torch(results, smoke):
     for label, g_t, g_n in zip(("du", "ddelta", "dA", "dBm", "dCm", "dD", "dz", "ddelta_bias"), grads_t, grads_n):
         if g_t is not None:
             errors[label] = relative_error(g_t.cpu().numpy(), g_n.copy_to_host()) if kinds_ok else float("inf")
-    _record_check(results, "selective_scan torch in/out", f"B={B} T={T} D={D} N={N}", "float32",
-                  "numba arrays", errors, 1e-5, time.time() - started)
+    _record_check(results, "selective_scan torch in/out", shape, "float32", "numba arrays", errors, 1e-5,
+                  time.time() - started)
     tensors = {key: torch.as_tensor(value, device="cuda") for key, value in arrays.items()}
     plain = {"D": torch.ones(D, device="cuda")}
     dout_t = torch.as_tensor(dout, device="cuda")
-    forward = lambda: scan.forward(*tensors.values(), **plain)                   # noqa: E731
-    t_fwd = time_gpu(forward)
-    _record_timing(results, "timings", op="scan fwd (torch in/out)", shape=f"B={B} T={T} D={D} N={N}", L=T, **t_fwd)
-    t_both = time_gpu(lambda: scan.backward(dout_t, forward()[1]), warmup=1, repeats=5)
-    _record_timing(results, "timings", op="scan fwd+bwd (torch in/out)", shape=f"B={B} T={T} D={D} N={N}", L=T,
-                   **t_both, ratio_to_fwd=t_both["ms"] / t_fwd["ms"])
+    time_pair(results, "scan", shape, T, lambda: scan.forward(*tensors.values(), **plain),
+              lambda cache: scan.backward(dout_t, cache), " (torch in/out)")
     del tensors, dout_t
 
     B, H, T, d = (1, 2, 64, 8) if smoke else (2, 16, 16384, 64)
     (q, k, v), _, do = la_inputs(B, H, T, d, d, np.float32, 25)
     q, k, v, do = (torch.as_tensor(x, device="cuda") for x in (q, k, v, do))
-    forward = lambda: la.forward(q, k, v)                                      # noqa: E731
-    t_fwd = time_gpu(forward)
-    _record_timing(results, "timings", op="linear_attn fwd (torch in/out)", shape=f"B={B} H={H} T={T} d={d}", L=T,
-                   **t_fwd)
-    t_both = time_gpu(lambda: la.backward(do, forward()[1]), warmup=1, repeats=5)
-    _record_timing(results, "timings", op="linear_attn fwd+bwd (torch in/out)", shape=f"B={B} H={H} T={T} d={d}",
-                   L=T, **t_both, ratio_to_fwd=t_both["ms"] / t_fwd["ms"])
+    time_pair(results, "linear_attn", f"B={B} H={H} T={T} d={d}", T, lambda: la.forward(q, k, v),
+              lambda cache: la.backward(do, cache), " (torch in/out)")
 
 
 SWEEP_UNTIL_S = 420   # the sweep starts no new block shape after this many seconds of the run
@@ -490,38 +482,50 @@ LA_SWEEP = [  # linear attention: (tile = chunk, register tile, launch bounds: b
     (64, 4, 3), (64, 4, 0), (64, 8, 0), (32, 4, 0)]
 
 
+def run_sweep(results, op, entries, configure, restore, forward, backward, L, until_s):
+    """For each entry while the run is younger than until_s: configure(entry) -> its description;
+    check the output and every gradient against the first entry's; time forward and forward +
+    backward; record a row of the sweep table. A failing entry is reported and the next one runs;
+    restore() puts the default configuration back after every entry."""
+    reference = None
+    for entry in entries:
+        if elapsed() > until_s and not QUICK:
+            log("(sweep stopped: time budget)")
+            break
+        shape = str(entry)
+        try:
+            shape = configure(entry)
+            out, cache = forward()
+            outputs = [out.copy_to_host()] + [g.copy_to_host() for g in backward(cache) if g is not None]
+            if reference is None:
+                reference = outputs
+            error = max(relative_error(a, b) for a, b in zip(outputs, reference))
+            t_fwd = time_gpu(forward, warmup=1, repeats=7)
+            t_both = time_gpu(lambda: backward(forward()[1]), warmup=1, repeats=3)
+            _record_timing(results, "sweep", op=op, shape=shape, L=L, **t_fwd, fwdbwd_ms=t_both["ms"],
+                           rel_error_vs_default=error)
+        except Exception as error:
+            log(f"!!! sweep {shape} failed: {error!r}")
+            results.data["errors"].append({"section": f"sweep {shape}", "error": repr(error)[:300]})
+        finally:
+            restore()
+
+
 def section_sweep(results, smoke):
     from minilm.kernels.cuda import selective_scan as scan
     B, T, D, N = (1, 64, 16, 4) if smoke else (4, 4096, 1536, 16)
     device, plain, _, dout = scan_device_inputs(B, T, D, N, 22)
     default = scan.CONFIGS["float32"]
-    reference = None
-    try:
-        for changes in SWEEP:
-            if elapsed() > SWEEP_UNTIL_S and not smoke:
-                log("(sweep stopped: time budget)")
-                break
-            try:
-                scan.set_config("float32", **changes)
-                config = scan.CONFIGS["float32"]
-                out, cache = scan.forward(*device.values(), **plain)
-                results_now = [out.copy_to_host()] + [g.copy_to_host() for g in scan.backward(dout, cache)
-                                                     if g is not None]
-                if reference is None:
-                    reference = results_now
-                error = max(relative_error(a, b) for a, b in zip(results_now, reference))
-                t_fwd = time_gpu(lambda: scan.forward(*device.values(), **plain), warmup=1, repeats=7)
-                t_both = time_gpu(lambda: scan.backward(dout, scan.forward(*device.values(), **plain)[1]),
-                                  warmup=1, repeats=3)
-                _record_timing(results, "sweep", op="scan sweep fwd", shape=str(config)[10:], L=T, **t_fwd,
-                               fwdbwd_ms=t_both["ms"], rel_error_vs_default=error)
-            except Exception as error:
-                log(f"!!! sweep {changes} failed: {error!r}")
-                results.data["errors"].append({"section": f"sweep {changes}", "error": repr(error)[:300]})
-            finally:
-                scan.CONFIGS["float32"] = default
-    finally:
+
+    def configure(changes):
+        scan.set_config("float32", **changes)
+        return str(scan.CONFIGS["float32"])[10:]
+
+    def restore():
         scan.CONFIGS["float32"] = default
+
+    run_sweep(results, "scan sweep fwd", SWEEP, configure, restore, lambda: scan.forward(*device.values(), **plain),
+              lambda cache: scan.backward(dout, cache), T, SWEEP_UNTIL_S)
 
 
 def section_la_sweep(results, smoke):
@@ -531,31 +535,14 @@ def section_la_sweep(results, smoke):
     (q, k, v), _, do = la_inputs(B, H, T, d, d, np.float32, 23)
     q, k, v, do = (cuda.to_device(x) for x in (q, k, v, do))
     default = la.TILES["float32"], la.REGS["float32"], la.MIN_BLOCKS["float32"]
-    reference = None
-    try:
-        for tile, reg, min_blocks in (LA_SWEEP if not smoke else [(8, 4, 3), (8, 2, 0)]):
-            if elapsed() > SWEEP_UNTIL_S + 60 and not smoke:
-                log("(sweep stopped: time budget)")
-                break
-            shape = f"tile={tile} reg={reg} min_blocks={min_blocks}"
-            try:
-                la.set_tile("float32", tile, reg, min_blocks)
-                out, cache = la.forward(q, k, v)
-                results_now = [out.copy_to_host()] + [g.copy_to_host() for g in la.backward(do, cache)]
-                if reference is None:
-                    reference = results_now
-                error = max(relative_error(a, b) for a, b in zip(results_now, reference))
-                t_fwd = time_gpu(lambda: la.forward(q, k, v), warmup=1, repeats=7)
-                t_both = time_gpu(lambda: la.backward(do, la.forward(q, k, v)[1]), warmup=1, repeats=3)
-                _record_timing(results, "sweep", op="linear_attn sweep fwd", shape=shape, L=T,
-                               **t_fwd, fwdbwd_ms=t_both["ms"], rel_error_vs_default=error)
-            except Exception as error:
-                log(f"!!! sweep {shape} failed: {error!r}")
-                results.data["errors"].append({"section": f"sweep {shape}", "error": repr(error)[:300]})
-            finally:
-                la.set_tile("float32", *default)
-    finally:
-        la.set_tile("float32", *default)
+
+    def configure(entry):
+        la.set_tile("float32", *entry)
+        return "tile={} reg={} min_blocks={}".format(*entry)
+
+    run_sweep(results, "linear_attn sweep fwd", LA_SWEEP if not smoke else [(8, 4, 3), (8, 2, 0)], configure,
+              lambda: la.set_tile("float32", *default), lambda: la.forward(q, k, v),
+              lambda cache: la.backward(do, cache), T, SWEEP_UNTIL_S + 60)
 
 
 # ----------------------------------------------------------------------------------------------
