@@ -36,6 +36,11 @@ REGISTERS_PER_SM = 65536
 THREADS_PER_SM = 2048
 BLOCKS_PER_SM = 32
 SHARED_PER_SM = {(8, 0): 164 * 1024, (9, 0): 228 * 1024}
+
+
+def shared_per_sm(cc):
+    """Shared memory per multiprocessor in bytes (the 9.0 figure for a capability not listed)."""
+    return SHARED_PER_SM.get(cc, SHARED_PER_SM[(9, 0)])
 SHARED_RESERVED_PER_BLOCK = 1024
 
 
@@ -84,9 +89,8 @@ def occupancy(threads, registers, shared_bytes, cc):
     """Blocks and warps per multiprocessor, and what limits them."""
     warps = -(-threads // 32)
     per_warp = -(-max(registers, 1) * 32 // 256) * 256          # registers are given out per warp, 256 at a time
-    shared_per_sm = SHARED_PER_SM.get(cc, SHARED_PER_SM[(9, 0)])
     limits = {"registers": REGISTERS_PER_SM // (warps * per_warp),
-              "shared memory": shared_per_sm // (shared_bytes + SHARED_RESERVED_PER_BLOCK),
+              "shared memory": shared_per_sm(cc) // (shared_bytes + SHARED_RESERVED_PER_BLOCK),
               "threads": THREADS_PER_SM // threads,
               "blocks": BLOCKS_PER_SM}
     blocks = min(limits.values())
@@ -207,7 +211,7 @@ def main():
               row["blocks_per_sm"], row["warps_per_sm"], row["limited_by"]] for row in rows]
     print(format_table(f"numba.cuda kernels for sm_{cc[0]}{cc[1]} (ptxas {ptxas})", columns, table,
                        notes=[f"per multiprocessor: {REGISTERS_PER_SM} registers, {THREADS_PER_SM} threads, "
-                              f"{SHARED_PER_SM.get(cc, SHARED_PER_SM[(9, 0)]) // 1024} KiB shared memory"]))
+                              f"{shared_per_sm(cc) // 1024} KiB shared memory"]))
     os.makedirs(args.out, exist_ok=True)
     write_csv(os.path.join(args.out, "registers.csv"), rows)
     with open(os.path.join(args.out, "registers.json"), "w") as f:
