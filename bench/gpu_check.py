@@ -18,11 +18,12 @@ written after every section (results.json, timings.csv, summary.csv in --out):
      (host_ms: the time the host spends inside the call; the rest of ms is the GPU's);
   3. the same with PyTorch tensors in and out (checked against the Numba-array path): outputs then
      come from PyTorch's caching allocator, as for the peers;
-  4. the peers (.whl/peers.py: copy bandwidth, fla chunk_linear_attn, mambapy pscan) in a subprocess;
-  5. while time allows, a sweep of the scan's block shapes and the linear-attention tiles (each
-     checked against the default);
-  6. one table, printed last, of our figures, the peers' and the ratios against the targets, with
-     the fastest entries of the sweeps.
+  4. where the host time of a call goes (cProfile, the costliest functions per call);
+  5. the peers (.whl/peers.py: copy bandwidth, fla chunk_linear_attn, mambapy pscan) in a subprocess;
+  6. while time allows (--sweep-until), a sweep of the scan's block shapes and the linear-attention
+     tiles (--sweeps), each entry's output and gradients checked against the default's;
+  7. one table, printed last, of our figures, the peers' and the ratios against the targets (time
+     growth with L included), with the fastest entries of the sweeps.
 
 --smoke runs the same code on tiny shapes (it works under NUMBA_ENABLE_CUDASIM=1, for testing this
 script without a GPU). It should take well under 5 minutes on an H100.
@@ -54,6 +55,7 @@ TARGETS = {
     "scan_fwdbwd_over_fwd": 3.0,          # forward + backward ≤ 3x forward
     "la_fwd_over_fla": 2.0,               # linear attention forward ≤ 2x fla chunk_linear_attn (fp32)
     "la_fwdbwd_over_fla": 2.0,            # forward + backward ≤ 2x fla
+    "growth_over_L": 1.3,                 # time(L2) / time(L1) ≤ 1.3 x L2 / L1 (no hidden quadratic term)
 }
 FALLBACK_PEERS = {  # measured on an H100 80GB HBM3 (shared/gpu/README.md), used when peers cannot run
     "copy_TBps": 2.97,
@@ -79,7 +81,7 @@ class Results:
         self.folder = folder
         os.makedirs(folder, exist_ok=True)
         self.data = {"device": None, "versions": {}, "correctness": [], "timings": [], "sweep": [],
-                     "peers": [], "summary": [], "errors": []}
+                     "peers": [], "host_profile": {}, "summary": [], "errors": []}
 
     def section(self, name, fn, *args, **kwargs):
         """Run one section; report and keep going on failure; write everything afterwards."""
@@ -177,6 +179,14 @@ def scan_inputs(B, T, D, N, dtype, seed, gate=True):
     }
     dout = rng.standard_normal((B, T, D)).astype(dtype)
     return arrays, options, dout
+
+
+def peer_workload(arrays, options):
+    """The peer's (mambapy pscan's) work from scan_inputs' arrays: Δ given, so positive (softplus of
+    delta + bias, taken on the host: a raw negative Δ would make a_t = exp(Δ A) > 1 and the states
+    overflow), y = C·h + u (D = 1), no gate. Returns (arrays, options)."""
+    step = np.logaddexp(0, arrays["delta"] + options["delta_bias"]).astype(arrays["delta"].dtype)
+    return dict(arrays, delta=step), {"D": np.ones(arrays["A"].shape[0], arrays["A"].dtype)}
 
 
 def la_inputs(B, H, T, Dk, Dv, dtype, seed, decay=None, state=False):
@@ -370,14 +380,18 @@ def _record_timing(results, table, **row):
 
 
 def scan_device_inputs(B, T, D, N, seed):
+    """The two timed workloads on the device, each (arrays, options): "plain", the peer's
+    (peer_workload), and "full" (Δ = softplus(delta + bias) inside the kernel, D skip, z gate);
+    and dout."""
     from numba import cuda
+
+    def on_device(values):
+        return {key: cuda.to_device(value) if isinstance(value, np.ndarray) else value
+                for key, value in values.items()}
     arrays, options, dout = scan_inputs(B, T, D, N, np.float32, seed)
-    device = {key: cuda.to_device(value) for key, value in arrays.items()}
-    # the work of the peer (mambapy): Δ given, y = C·h + x (D = 1), no gate, no softplus
-    plain = {"D": cuda.to_device(np.ones(D, np.float32))}
-    full = {key: (cuda.to_device(value) if isinstance(value, np.ndarray) else value)
-            for key, value in options.items() if key != "initial_state"}
-    return device, plain, full, cuda.to_device(dout)
+    plain = tuple(on_device(part) for part in peer_workload(arrays, options))
+    del options["initial_state"]
+    return plain, (on_device(arrays), on_device(options)), cuda.to_device(dout)
 
 
 def scan_bytes(B, T, D, N, gated):
@@ -402,14 +416,14 @@ def section_timings(results, smoke):
     from minilm.kernels.cuda import selective_scan as scan
     shapes = [(1, 64, 16, 4)] if smoke else [(4, 1024, 1536, 16), (4, 4096, 1536, 16)]
     for B, T, D, N in shapes:
-        device, plain, full, dout = scan_device_inputs(B, T, D, N, 20)
-        for label, options in (("", plain), (" +z,bias,softplus", full)):
+        plain, full, dout = scan_device_inputs(B, T, D, N, 20)
+        for label, (arrays, options) in (("", plain), (" +z,bias,softplus", full)):
             gb = scan_bytes(B, T, D, N, "z" in options) / 1e9
             time_pair(results, "scan", f"B={B} T={T} D={D} N={N}", T,
-                      lambda: scan.forward(*device.values(), **options),
+                      lambda: scan.forward(*arrays.values(), **options),
                       lambda cache: scan.backward(dout, cache), label,
                       forward_fields=lambda ms: {"GBps": gb / (ms / 1e3)})
-        del device, plain, full, dout
+        del plain, full, dout
     for T in ([64] if smoke else [1024, 4096, 16384]):
         B, H, Dk = (1, 2, 8) if smoke else (2, 16, 64)
         (q, k, v), _, do = la_inputs(B, H, T, Dk, Dk, np.float32, 21)
@@ -454,12 +468,13 @@ def section_torch(results, smoke):
             errors[label] = relative_error(g_t.cpu().numpy(), g_n.copy_to_host()) if kinds_ok else float("inf")
     _record_check(results, "selective_scan torch in/out", shape, "float32", "numba arrays", errors, 1e-5,
                   time.time() - started)
-    tensors = {key: torch.as_tensor(value, device="cuda") for key, value in arrays.items()}
-    plain = {"D": torch.ones(D, device="cuda")}
+    plain_arrays, plain = (
+        {key: torch.as_tensor(value, device="cuda") for key, value in part.items()}
+        for part in peer_workload(arrays, options))
     dout_t = torch.as_tensor(dout, device="cuda")
-    time_pair(results, "scan", shape, T, lambda: scan.forward(*tensors.values(), **plain),
+    time_pair(results, "scan", shape, T, lambda: scan.forward(*plain_arrays.values(), **plain),
               lambda cache: scan.backward(dout_t, cache), " (torch in/out)")
-    del tensors, dout_t
+    del plain_arrays, dout_t
 
     B, H, T, d = (1, 2, 64, 8) if smoke else (2, 16, 16384, 64)
     (q, k, v), _, do = la_inputs(B, H, T, d, d, np.float32, 25)
@@ -468,15 +483,70 @@ def section_torch(results, smoke):
               lambda cache: la.backward(do, cache), " (torch in/out)")
 
 
-SWEEP_UNTIL_S = 420   # the sweep starts no new block shape after this many seconds of the run
+def section_host_profile(results, smoke, repeats=30):
+    """Where the host time of a call goes: cProfile over repeated calls at the target shapes, Numba
+    device arrays in and out (PyTorch tensors too where PyTorch has CUDA). The device is synchronised
+    after every call, so waiting for the GPU shows up as the synchronize lines. Logs each call's
+    costliest functions by own time (microseconds per call); results["host_profile"] keeps them."""
+    import cProfile
+    import pstats
+    from numba import cuda
+    from minilm.kernels.cuda import linear_attention as la
+    from minilm.kernels.cuda import selective_scan as scan
+    B, T, D, N = (1, 64, 16, 4) if smoke else (4, 4096, 1536, 16)
+    (arrays, options), _, dout = scan_device_inputs(B, T, D, N, 26)
+    B, H, L, d = (1, 2, 64, 8) if smoke else (2, 16, 16384, 64)
+    (q, k, v), _, do = la_inputs(B, H, L, d, d, np.float32, 27)
+    q, k, v, do = (cuda.to_device(x) for x in (q, k, v, do))
+    calls = {
+        "scan fwd": lambda: scan.forward(*arrays.values(), **options),
+        "scan fwd+bwd": lambda: scan.backward(dout, scan.forward(*arrays.values(), **options)[1]),
+        "linear_attn fwd": lambda: la.forward(q, k, v),
+        "linear_attn fwd+bwd": lambda: la.backward(do, la.forward(q, k, v)[1]),
+    }
+    try:
+        import torch
+        if torch.cuda.is_available():
+            tensors = {key: torch.as_tensor(value, device="cuda") for key, value in arrays.items()}
+            D_t = torch.as_tensor(options["D"], device="cuda")
+            calls["scan fwd (torch in/out)"] = lambda: scan.forward(*tensors.values(), D=D_t)
+    except ImportError:
+        pass
+    repeats = 2 if smoke else repeats
+    for label, call in calls.items():
+        call()
+        cuda.synchronize()
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(repeats):
+            call()
+            cuda.synchronize()
+        profiler.disable()
+        stats = pstats.Stats(profiler).stats       # (file, line, function) -> (cc, calls, own, cumulative, callers)
+        rows = sorted(({"own_us": 1e6 * own / repeats, "cumulative_us": 1e6 * cumulative / repeats,
+                        "calls": calls_ / repeats, "function": f"{os.path.basename(where[0])}:{where[1]}({where[2]})"}
+                       for where, (_, calls_, own, cumulative, _) in stats.items()),
+                      key=lambda row: -row["own_us"])[:14]
+        results.data["host_profile"][label] = rows
+        log(f"-- {label}: host time per call, costliest functions by own time")
+        log(f"{'own us':>10} {'cum. us':>10} {'calls':>7}  function")
+        for row in rows:
+            log(f"{row['own_us']:10.1f} {row['cumulative_us']:10.1f} {row['calls']:7.1f}  {row['function']}")
+
+
 SWEEP = [  # scan block shapes, most promising first (chunk = segments x steps, same fwd and bwd);
            # registers and warps per multiprocessor for sm_90 from bench/cuda_registers.py
     dict(),                                          # fwd 62 registers, 32 warps; bwd 64 (spills), 32 warps
-    dict(fwd_min_blocks=0),                          # fwd 68 registers, 24 warps
-    dict(fwd_store_steps=True, fwd_min_blocks=0),    # the forward as first measured: 109 registers, 16 warps
     dict(bwd_min_blocks=1),                          # bwd 108 registers, none spilled, 16 warps
+    dict(fwd_min_blocks=0),                          # fwd 68 registers, 24 warps
     dict(fwd_min_blocks=5),                          # fwd 48 registers (16 B spilled), 40 warps
     dict(bwd_segments=4, bwd_steps=16),              # bwd 256-thread blocks, 128 registers (60 B spilled), 16 warps
+    dict(fwd_store_steps=True, fwd_min_blocks=0),    # the forward as first measured: 109 registers, 16 warps
+    # other block shapes (the backward follows where it must: same chunk, threads within limits)
+    dict(state_threads=4, states_per_thread=4, fwd_min_blocks=8, bwd_min_blocks=4),  # 128-thread fwd blocks
+    dict(fwd_segments=8, fwd_steps=8, fwd_min_blocks=2),                           # 512-thread fwd blocks
+    dict(fwd_segments=2, fwd_steps=32, fwd_min_blocks=8),                          # 128 threads, 1 round
+    dict(channels=4, fwd_min_blocks=8, bwd_min_blocks=4),                          # 1536 blocks of 128
 ]
 LA_SWEEP = [  # linear attention: (tile = chunk, register tile, launch bounds: blocks per SM or 0)
     (64, 4, 3), (64, 4, 0), (64, 8, 0), (32, 4, 0)]
@@ -497,6 +567,8 @@ def run_sweep(results, op, entries, configure, restore, forward, backward, L, un
             shape = configure(entry)
             out, cache = forward()
             outputs = [out.copy_to_host()] + [g.copy_to_host() for g in backward(cache) if g is not None]
+            if not all(np.isfinite(x).all() for x in outputs):
+                raise FloatingPointError("non-finite output or gradient")
             if reference is None:
                 reference = outputs
             error = max(relative_error(a, b) for a, b in zip(outputs, reference))
@@ -511,10 +583,10 @@ def run_sweep(results, op, entries, configure, restore, forward, backward, L, un
             restore()
 
 
-def section_sweep(results, smoke):
+def section_sweep(results, smoke, until_s):
     from minilm.kernels.cuda import selective_scan as scan
     B, T, D, N = (1, 64, 16, 4) if smoke else (4, 4096, 1536, 16)
-    device, plain, _, dout = scan_device_inputs(B, T, D, N, 22)
+    (arrays, options), _, dout = scan_device_inputs(B, T, D, N, 22)
     default = scan.CONFIGS["float32"]
 
     def configure(changes):
@@ -524,11 +596,11 @@ def section_sweep(results, smoke):
     def restore():
         scan.CONFIGS["float32"] = default
 
-    run_sweep(results, "scan sweep fwd", SWEEP, configure, restore, lambda: scan.forward(*device.values(), **plain),
-              lambda cache: scan.backward(dout, cache), T, SWEEP_UNTIL_S)
+    run_sweep(results, "scan sweep fwd", SWEEP, configure, restore, lambda: scan.forward(*arrays.values(), **options),
+              lambda cache: scan.backward(dout, cache), T, until_s)
 
 
-def section_la_sweep(results, smoke):
+def section_la_sweep(results, smoke, until_s):
     from numba import cuda
     from minilm.kernels.cuda import linear_attention as la
     B, H, T, d = (1, 2, 64, 8) if smoke else (2, 16, 16384, 64)
@@ -542,7 +614,7 @@ def section_la_sweep(results, smoke):
 
     run_sweep(results, "linear_attn sweep fwd", LA_SWEEP if not smoke else [(8, 4, 3), (8, 2, 0)], configure,
               lambda: la.set_tile("float32", *default), lambda: la.forward(q, k, v),
-              lambda cache: la.backward(do, cache), T, SWEEP_UNTIL_S + 60)
+              lambda cache: la.backward(do, cache), T, until_s)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -644,6 +716,13 @@ def section_summary(results):
             peer = figures.get(("fla_fwdbwd", L))
             add(f"linear attn fwd+bwd L={L}: ours / fla (ms)", both["ms"], peer,
                 both["ms"] / peer if peer else None, target_both, "lower", source)
+    for op, short, long in (("scan fwd", 1024, 4096), ("linear_attn fwd", 1024, 16384),
+                            ("linear_attn fwd+bwd", 1024, 16384)):
+        first, last = _ours(results, op, short), _ours(results, op, long)
+        if first and last:
+            growth = last["ms"] / first["ms"]
+            add(f"{op.replace('_', ' ')} L={short}->{long}: time growth / L growth", growth, float(long // short),
+                growth / (long // short), TARGETS["growth_over_L"], "lower", "ours")
     torch_scan = _ours(results, "scan fwd (torch in/out)", 4096)
     if torch_scan:
         peer = figures.get(("mambapy", 4096))
@@ -721,9 +800,13 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=os.path.join("results", "gpu"), help="results folder")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes (works under the CUDA simulator)")
-    parser.add_argument("--no-sweep", action="store_true", help="skip the block-shape sweep")
+    parser.add_argument("--sweeps", default="scan,la",
+                        help="block-shape sweeps to run: scan, la, both (the default: scan,la) or none")
     parser.add_argument("--no-peers", action="store_true", help="skip running .whl/peers.py")
     parser.add_argument("--peers-timeout", type=int, default=150)
+    parser.add_argument("--sweep-until", type=int, default=420,
+                        help="seconds into the run after which the scan sweep starts no new entry "
+                             "(the linear-attention sweep: 60 s later)")
     args = parser.parse_args()
 
     if args.smoke:
@@ -742,11 +825,14 @@ def main():
     results.section("correctness", section_correctness, args.smoke)
     results.section("timings", section_timings, args.smoke)
     results.section("torch tensors in and out", section_torch, args.smoke)
+    results.section("host time per call", section_host_profile, args.smoke)
     if not args.no_peers:
         results.section("peers", section_peers, args.smoke, args.peers_timeout)
-    if not args.no_sweep:
-        results.section("scan block-shape sweep", section_sweep, args.smoke)
-        results.section("linear attention tile sweep", section_la_sweep, args.smoke)
+    sweeps = args.sweeps.split(",")
+    if "scan" in sweeps:
+        results.section("scan block-shape sweep", section_sweep, args.smoke, args.sweep_until)
+    if "la" in sweeps:
+        results.section("linear attention tile sweep", section_la_sweep, args.smoke, args.sweep_until + 60)
     results.section("summary", section_summary)
     ok = all(c["passed"] for c in results.data["correctness"]) and not results.data["errors"]
     sys.exit(0 if ok else 1)

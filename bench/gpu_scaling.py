@@ -112,7 +112,7 @@ def scan_rows(table, Ls, args):
     op = "selective_scan"
     for L in Ls:
         arrays, options, dout = gpu_check.scan_inputs(B, L, D, N, np.float32, L, gate=False)
-        options = {"D": np.ones(D, np.float32)}       # the peers' work: Δ given, y = C·h + u
+        arrays, options = gpu_check.peer_workload(arrays, options)     # the peers' work: Δ given, y = C·h + u
         if L <= args.numpy_max_L:
             from minilm.ops import selective_scan as ref
 
@@ -179,8 +179,8 @@ def la_rows(table, Ls, args):
 
 def peer_rows(table, Ls, args):
     script = os.path.join(ROOT, ".whl", "peers.py")
-    if args.smoke or not os.path.exists(script):
-        log(f"(peers skipped: {'smoke run' if args.smoke else script + ' not found'})")
+    if args.smoke or args.no_peers or not os.path.exists(script):
+        log(f"(peers skipped: {'smoke run' if args.smoke else '--no-peers' if args.no_peers else script + ' not found'})")
         return
     groups = [("fla", [L for L in Ls]), ("mambapy", [L for L in Ls if L <= 8192]),
               ("sdpa", [L for L in Ls if L <= args.sdpa_max_L])]
@@ -258,6 +258,7 @@ def main():
     parser.add_argument("--numpy-max-L", type=int, default=2048, help="longest L for the NumPy reference")
     parser.add_argument("--sdpa-max-L", type=int, default=32768)
     parser.add_argument("--peer-timeout", type=int, default=240)
+    parser.add_argument("--no-peers", action="store_true", help="skip the PyTorch peers")
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args()
     if args.smoke:
