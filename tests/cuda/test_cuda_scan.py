@@ -123,6 +123,53 @@ def test_forward_keeping_its_steps(blocks, shape, B, T, D, N, dtype):
     compare(B, T, D, N, dtype, 9)
 
 
+@pytest.fixture
+def warp_shuffles(monkeypatch):
+    """Numba's CUDA simulator has no warp shuffles; give it cuda.shfl_xor_sync. Each thread puts its
+    value in a table and, after a barrier, reads its partner's: valid where every thread of the
+    block makes the same calls, as the backward's warp sums do. On a GPU nothing changes."""
+    if not _device.simulator_enabled():
+        return
+    from numba.cuda.simulator import kernelapi
+    table = {}
+
+    def shfl_xor_sync(fake_cuda, mask, value, lane_mask):
+        block = fake_cuda.blockIdx
+        here = (block.x, block.y, block.z)
+        lane = fake_cuda.threadIdx.x
+        table[here, lane] = value
+        fake_cuda.syncthreads()
+        partner = table[here, lane ^ lane_mask]
+        fake_cuda.syncthreads()       # everyone has read before the next call writes
+        return partner
+
+    monkeypatch.setattr(kernelapi.FakeCUDAModule, "shfl_xor_sync", shfl_xor_sync, raising=False)
+
+
+@pytest.mark.parametrize("shape, B, T, D, N, dtype", [
+    # 4 channels x 4 state threads x 2 segments: one warp; two state groups (N = 5)
+    (dict(channels=4, state_threads=4, states_per_thread=1), 1, 6, 5, 5, np.float64),
+    # 8 x 8 x 2: a segment's state threads span two warps, whose partial sums meet in atomics
+    (dict(channels=8, state_threads=8, states_per_thread=1), 1, 6, 9, 8, np.float32),
+    # 3 state threads: a layout the shuffles cannot serve, so the atomics run instead
+    (dict(channels=8, state_threads=3, states_per_thread=1), 1, 5, 3, 3, np.float64),
+])
+def test_backward_with_warp_sums(blocks, warp_shuffles, shape, B, T, D, N, dtype):
+    """The backward's sums over channels and state threads by warp shuffles (bwd_warp_sums) give
+    the reference's gradients (all of them: the gate's sum Σ_n C h included)."""
+    blocks(dict(shape, fwd_segments=2, fwd_steps=2, bwd_segments=2, bwd_steps=2, bwd_warp_sums=True))
+    compare(B, T, D, N, dtype, 10)
+
+
+def test_warp_sums_fit_only_whole_aligned_lane_groups():
+    assert cuda_scan._warp_sums_fit(8, 8, 512)
+    assert cuda_scan._warp_sums_fit(4, 4, 32)
+    assert not cuda_scan._warp_sums_fit(8, 3, 384)       # state threads not a power of two
+    assert not cuda_scan._warp_sums_fit(6, 4, 96)        # channels not a power of two
+    assert not cuda_scan._warp_sums_fit(2, 2, 8)         # a partial warp
+    assert not cuda_scan._warp_sums_fit(64, 1, 64)       # channel lanes wider than a warp
+
+
 def test_device_arrays_in_device_arrays_out(blocks):
     """Numba device arrays go in without a copy and come back as device arrays."""
     from numba import cuda

@@ -48,7 +48,9 @@ adjoint recurrence backwards the same two-level way (the reverse scan carries a_
 first step into the chunk before it: the a_{t+1} shift across the boundary), and reads the gradients
 off (g_t, h_t). dB and dC (sums over channels) are added with atomics, first into shared-memory
 tiles and then, once per chunk, into float32/float64 global buffers; dA, dD and ddelta_bias too.
-The backward is therefore not bit-for-bit deterministic.
+The backward is therefore not bit-for-bit deterministic. With ScanConfig.bwd_warp_sums the sums
+over a warp's lanes are taken by shuffles first (_xor_sum), leaving one uncontended shared-memory
+add (or a plain store) per sum.
 
 When N exceeds the states one block holds at a time (STATE_THREADS × STATES_PER_THREAD), the block
 walks the states in groups, adding each group's partial sums into the output buffers.
@@ -95,6 +97,12 @@ class ScanConfig:
     fwd_store_steps            forward: keep each step's a_t, b_t in registers from the local scan for
                                the fix-up (2 × STEPS × STATES_PER_THREAD registers), or compute them
                                again there (a second exp2 per step and state, far fewer registers)
+    bwd_warp_sums              backward: add the per-thread terms of dB, dC (over the channel lanes)
+                               and of Σ_n g B, Σ_n g A a h, Σ_n C h (over a warp's state threads) with
+                               warp shuffles, instead of shared-memory atomics on one address per
+                               lane group (on sm_90 a float atomic on shared memory is a compare-and-
+                               swap loop, retried once per colliding lane). Used where the layout
+                               allows it (channels and state threads powers of two, whole warps)
     """
     channels: int = 8
     state_threads: int = 8
@@ -106,6 +114,7 @@ class ScanConfig:
     fwd_min_blocks: int = 4     # 62 registers, none spilled (sm_90): 4 blocks, 32 warps per multiprocessor
     bwd_min_blocks: int = 2     # caps the backward's registers: 512 threads at 121 registers do not launch
     fwd_store_steps: bool = False   # keeping a_t, b_t needs 109 registers, not 68 (sm_90, no launch bounds)
+    bwd_warp_sums: bool = False     # not yet timed on a GPU (bench/gpu_check.py sweeps it)
 
     @property
     def chunk(self):
@@ -427,23 +436,46 @@ if cuda is not None:
         return current
 
 
+    @cuda.jit(device=True)
+    def _xor_sum(value, first, count):
+        """Σ of value over the `count` lanes of a warp whose lane ids differ only in the bits of
+        first, 2·first, ..., count/2·first (count a power of two): a butterfly of shuffles, after
+        which each of them holds the sum. All 32 lanes of the warp must call it together."""
+        offset = first
+        while offset < first * count:
+            value += cuda.shfl_xor_sync(0xFFFFFFFF, value, offset)
+            offset *= 2
+        return value
+
+
 # ----------------------------------------------------------------------------------------------
 # backward kernel
+
+def _warp_sums_fit(channels, state_threads, threads):
+    """Whether the shuffle sums of the backward can serve this layout: each group of channel lanes
+    and each warp's state threads must be whole, aligned groups of lanes of full warps."""
+    def power_of_two(x):
+        return x > 0 and x & (x - 1) == 0
+    return power_of_two(channels) and channels <= 32 and power_of_two(state_threads) and threads % 32 == 0
+
 
 def _backward_kernel(dtype, config, N):
     NT, NPT = _layout(config, N)
     DG, S, K = config.channels, config.bwd_segments, config.bwd_steps
-    key = ("bwd", np.dtype(dtype).name, DG, NT, NPT, S, K, config.bwd_min_blocks)
+    warp_sums = config.bwd_warp_sums and _warp_sums_fit(DG, NT, DG * NT * S)
+    key = ("bwd", np.dtype(dtype).name, DG, NT, NPT, S, K, config.bwd_min_blocks, warp_sums)
     if key not in _KERNELS:
-        _KERNELS[key] = _make_backward_kernel(_numba_type(dtype), DG, NT, NPT, S, K, config.bwd_min_blocks)
+        _KERNELS[key] = _make_backward_kernel(_numba_type(dtype), DG, NT, NPT, S, K, config.bwd_min_blocks,
+                                              warp_sums)
     return _KERNELS[key], DG * NT * S
 
 
-def _make_backward_kernel(real, DG, NT, NPT, S, K, min_blocks):
+def _make_backward_kernel(real, DG, NT, NPT, S, K, min_blocks, WARP_SUMS=False):
     NP = NT * NPT
     CH = S * K
     THREADS = DG * NT * S
     ROUNDS = _rounds(S)
+    NT_IN_WARP = min(NT, max(1, 32 // DG))      # state threads of one segment that share a warp
 
     @_device.jit_kernel(THREADS, min_blocks)
     def backward_kernel(dout, u, delta, A, Bm, Cm, Dskip, z, bias, carries,
@@ -563,7 +595,12 @@ def _make_backward_kernel(real, DG, NT, NPT, S, K, min_blocks):
                         prod[j] = prod[j] * decay[k, j]
                         y += s_C[t, col0 + _u32(j)] * h[j]
                     if has_z:
-                        cuda.atomic.add(s_y, (t, lane), y)
+                        if WARP_SUMS:     # Σ over this warp's state threads, one atomic per warp
+                            y = _xor_sum(y, DG, NT_IN_WARP)
+                            if nt % NT_IN_WARP == 0:
+                                cuda.atomic.add(s_y, (t, lane), y)
+                        else:
+                            cuda.atomic.add(s_y, (t, lane), y)
 
                 # adjoint, locally from a_{t+1} g_{t+1} = 0 at the segment's end:
                 # g_t = C_t dy_t + (a_{t+1} g_{t+1}); what leaves the segment is a_first g_first
@@ -609,11 +646,25 @@ def _make_backward_kernel(real, DG, NT, NPT, S, K, min_blocks):
                         gB += g * Bv
                         gAh += g * A_row[j] * decayed
                         dA_sum[j] += g * step * decayed
-                        cuda.atomic.add(s_dB, (t, nl), g * step_u)
-                        cuda.atomic.add(s_dC, (t, nl), dy * states[k, j])
+                        if WARP_SUMS:   # Σ over the channel lanes: this (t, n) belongs to them alone
+                            dB_t = _xor_sum(g * step_u, 1, DG)
+                            dC_t = _xor_sum(dy * states[k, j], 1, DG)
+                            if lane == 0:
+                                s_dB[t, nl] = dB_t
+                                s_dC[t, nl] = dC_t
+                        else:
+                            cuda.atomic.add(s_dB, (t, nl), g * step_u)
+                            cuda.atomic.add(s_dC, (t, nl), dy * states[k, j])
                         later[j] = decay[k, j] * g
-                    cuda.atomic.add(s_gB, (t, lane), gB)
-                    cuda.atomic.add(s_gAh, (t, lane), gAh)
+                    if WARP_SUMS:
+                        gB = _xor_sum(gB, DG, NT_IN_WARP)
+                        gAh = _xor_sum(gAh, DG, NT_IN_WARP)
+                        if nt % NT_IN_WARP == 0:
+                            cuda.atomic.add(s_gB, (t, lane), gB)
+                            cuda.atomic.add(s_gAh, (t, lane), gAh)
+                    else:
+                        cuda.atomic.add(s_gB, (t, lane), gB)
+                        cuda.atomic.add(s_gAh, (t, lane), gAh)
                 cuda.syncthreads()
 
                 # per (t, d): du, dΔ, dz; per (t, n): dB, dC into global memory
