@@ -6,7 +6,12 @@ bytes and shared memory per block. From those follow the blocks, and warps, that
 multiprocessor: the occupancy, which decides how much memory and instruction latency the other
 warps can hide. A kernel that walks a long sequence chunk by chunk, as the scan does, lives on it.
 
+Where cuobjdump and nvdisasm are at hand, the machine code (SASS) is read too, for two counts:
+compare-and-swap loops (ATOMS.CAST.SPIN: a float atomic add on shared memory compiles to one, and
+it goes round once more for every lane of the warp that hits the same address) and warp shuffles.
+
     pip install numba-cuda nvidia-cuda-nvcc-cu12 nvidia-cuda-nvrtc-cu12    # the compilers, no driver needed
+    pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm                   # optional: the SASS counts
     python bench/cuda_registers.py                    # compute capability 9.0 (H100, H200)
     python bench/cuda_registers.py --cc 8.0 --out results/cuda_registers
 
@@ -15,6 +20,7 @@ multiprocessor) into --out. Registers come from the ptxas these wheels ship; the
 version on a GPU machine may count a few differently.
 """
 import argparse
+import glob
 import json
 import os
 import re
@@ -44,33 +50,43 @@ def shared_per_sm(cc):
 SHARED_RESERVED_PER_BLOCK = 1024
 
 
-def find_ptxas():
-    """ptxas from the nvidia-cuda-nvcc wheel, or from PATH."""
+def find_tool(name):
+    """An NVIDIA command-line tool from the nvidia-* pip wheels (their nvidia/<package>/bin folders),
+    or from PATH; None if there is none."""
+    folders = []
     try:
-        import nvidia.cuda_nvcc
-        candidate = os.path.join(list(nvidia.cuda_nvcc.__path__)[0], "bin", "ptxas")
-        if os.path.exists(candidate):
-            return candidate
+        import nvidia
+        for base in nvidia.__path__:
+            folders += sorted(glob.glob(os.path.join(base, "*", "bin")))
     except ImportError:
         pass
-    for folder in os.environ.get("PATH", "").split(os.pathsep):
-        candidate = os.path.join(folder, "ptxas")
-        if os.path.exists(candidate):
+    for folder in folders + os.environ.get("PATH", "").split(os.pathsep):
+        candidate = os.path.join(folder, name)
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
             return candidate
-    raise SystemExit("ptxas not found: pip install nvidia-cuda-nvcc-cu12 (or put a CUDA toolkit's bin on PATH)")
+    return None
+
+
+def find_ptxas():
+    """ptxas from the nvidia-cuda-nvcc wheel, or from PATH."""
+    ptxas = find_tool("ptxas")
+    if ptxas is None:
+        raise SystemExit("ptxas not found: pip install nvidia-cuda-nvcc-cu12 (or put a CUDA toolkit's bin on PATH)")
+    return ptxas
 
 
 def compile_resources(kernel, signature, cc, ptxas, launch_bounds=None):
-    """{registers, spill_store_bytes, spill_load_bytes, stack_bytes, shared_bytes} of one kernel."""
+    """{registers, spill_store_bytes, spill_load_bytes, stack_bytes, shared_bytes, error} of one
+    kernel, and its machine code's cas_loops and shuffles (None without cuobjdump)."""
     from numba import cuda
     ptx, _ = cuda.compile_ptx(kernel.py_func, signature, cc=cc, launch_bounds=launch_bounds)
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-        f.write(ptx)
-    try:
-        done = subprocess.run([ptxas, "-v", "--gpu-name", f"sm_{cc[0]}{cc[1]}", f.name, "-o", os.devnull],
+    with tempfile.TemporaryDirectory() as folder:
+        source, binary = os.path.join(folder, "kernel.ptx"), os.path.join(folder, "kernel.cubin")
+        with open(source, "w") as f:
+            f.write(ptx)
+        done = subprocess.run([ptxas, "-v", "--gpu-name", f"sm_{cc[0]}{cc[1]}", source, "-o", binary],
                               capture_output=True, text=True)
-    finally:
-        os.unlink(f.name)
+        counts = machine_code_counts(binary) if done.returncode == 0 else {"cas_loops": None, "shuffles": None}
     report = done.stderr
 
     def number(pattern):
@@ -82,7 +98,21 @@ def compile_resources(kernel, signature, cc, ptxas, launch_bounds=None):
             "spill_load_bytes": number(r"(\d+) bytes spill loads"),
             "stack_bytes": number(r"(\d+) bytes stack frame"),
             "shared_bytes": number(r"(\d+) bytes smem"),
-            "error": errors[0] if done.returncode and errors else ("ptxas failed" if done.returncode else "")}
+            "error": errors[0] if done.returncode and errors else ("ptxas failed" if done.returncode else ""),
+            **counts}
+
+
+def machine_code_counts(cubin):
+    """Compare-and-swap loops (ATOMS.CAST.SPIN) and warp shuffles (SHFL) in a cubin's SASS; None for
+    both where cuobjdump, or the nvdisasm it runs, is missing."""
+    cuobjdump, nvdisasm = find_tool("cuobjdump"), find_tool("nvdisasm")
+    if cuobjdump is None or nvdisasm is None:
+        return {"cas_loops": None, "shuffles": None}
+    path = os.path.dirname(nvdisasm) + os.pathsep + os.environ.get("PATH", "")
+    done = subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True, env=dict(os.environ, PATH=path))
+    if done.returncode != 0:
+        return {"cas_loops": None, "shuffles": None}
+    return {"cas_loops": done.stdout.count("ATOMS.CAST.SPIN"), "shuffles": len(re.findall(r"\bSHFL\.", done.stdout))}
 
 
 def occupancy(threads, registers, shared_bytes, cc):
@@ -128,7 +158,8 @@ def rows_for_scan(cc, ptxas, N=16):
         DG = config.channels
         forward_args = (DG, NT, NPT, config.fwd_segments, config.fwd_steps, config.fwd_min_blocks,
                         config.fwd_store_steps)
-        backward_args = (DG, NT, NPT, config.bwd_segments, config.bwd_steps, config.bwd_min_blocks)
+        warp_sums = config.bwd_warp_sums and scan._warp_sums_fit(DG, NT, DG * NT * config.bwd_segments)
+        backward_args = (DG, NT, NPT, config.bwd_segments, config.bwd_steps, config.bwd_min_blocks, warp_sums)
         kernels = [("scan forward", forward_args, DG * NT * config.fwd_segments, config.fwd_min_blocks,
                     forward_sig, scan._make_forward_kernel),
                    ("scan backward", backward_args, DG * NT * config.bwd_segments, config.bwd_min_blocks,
@@ -205,13 +236,17 @@ def main():
         if row["error"]:          # e.g. more than the 48 KiB of static shared memory a kernel may have
             row["blocks_per_sm"], row["warps_per_sm"], row["limited_by"] = 0, 0, "does not build"
     columns = ["kernel", "config", "threads", "launch bounds", "registers", "spill st/ld B", "stack B",
-               "shared KiB", "blocks/SM", "warps/SM", "limited by"]
+               "shared KiB", "blocks/SM", "warps/SM", "limited by", "CAS loops", "shuffles"]
     table = [[row["kernel"], row["config"], row["threads"], row["launch_bounds"], row["registers"],
               f"{row['spill_store_bytes']}/{row['spill_load_bytes']}", row["stack_bytes"], row["shared_bytes"] / 1024,
-              row["blocks_per_sm"], row["warps_per_sm"], row["limited_by"]] for row in rows]
+              row["blocks_per_sm"], row["warps_per_sm"], row["limited_by"],
+              "-" if row["cas_loops"] is None else row["cas_loops"],
+              "-" if row["shuffles"] is None else row["shuffles"]] for row in rows]
     print(format_table(f"numba.cuda kernels for sm_{cc[0]}{cc[1]} (ptxas {ptxas})", columns, table,
                        notes=[f"per multiprocessor: {REGISTERS_PER_SM} registers, {THREADS_PER_SM} threads, "
-                              f"{shared_per_sm(cc) // 1024} KiB shared memory"]))
+                              f"{shared_per_sm(cc) // 1024} KiB shared memory",
+                              "CAS loops: float atomic adds on shared memory (ATOMS.CAST.SPIN in the SASS; "
+                              "'-': no cuobjdump/nvdisasm)"]))
     os.makedirs(args.out, exist_ok=True)
     write_csv(os.path.join(args.out, "registers.csv"), rows)
     with open(os.path.join(args.out, "registers.json"), "w") as f:
