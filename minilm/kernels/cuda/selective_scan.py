@@ -435,7 +435,6 @@ if cuda is not None:
             offset *= 2
         return current
 
-
     @cuda.jit(device=True)
     def _xor_sum(value, first, count):
         """Σ of value over the `count` lanes of a warp whose lane ids differ only in the bits of
