@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Everything a GPU lease is for, in one command from the project root (about 9 minutes on an H200):
+#
+#     bash bench/gpu_run.sh OUT_DIR
+#
+# Installs the carried wheels (.whl/*.whl, see shared/gpu/README.md) into /tmp/site when they are
+# there, then runs, each under a time limit so that the second always gets its turn:
+#   bench/gpu_check.py    correctness at full size, timings, host-time profile, peers, sweeps
+#   bench/gpu_scaling.py  Numba CPU vs numba.cuda for L = 1K ... 64K
+# and prints the end of gpu_check's log (its summary table). Results and logs land in OUT_DIR
+# (8 files). SMOKE=1 runs both scripts on tiny shapes (with NUMBA_ENABLE_CUDASIM=1, without a GPU).
+set -uo pipefail
+out=${1:?usage: bash bench/gpu_run.sh OUT_DIR}
+smoke=()
+if [[ -n "${SMOKE:-}" ]]; then smoke=(--smoke); fi
+
+if compgen -G ".whl/*.whl" > /dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site:$PWD
+else
+    export PYTHONPATH=$PWD
+fi
+export PYTHONUNBUFFERED=1 NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS=0
+mkdir -p "$out"
+
+timeout 420 python3 bench/gpu_check.py "${smoke[@]}" --out "$out/gpu" --peers-timeout 120 --sweep-until 330 \
+    > "$out/gpu_check.log" 2>&1
+echo "gpu_check: exit status $?"
+timeout 120 python3 bench/gpu_scaling.py "${smoke[@]}" --out "$out/scaling" --no-peers --numpy-max-L 0 \
+    --cpu-max-L 4096 > "$out/scaling.log" 2>&1
+echo "gpu_scaling: exit status $?"
+grep -v "Warning\|warn(" "$out/gpu_check.log" | tail -n 60
