@@ -56,8 +56,10 @@ When N exceeds the states one block holds at a time (STATE_THREADS × STATES_PER
 walks the states in groups, adding each group's partial sums into the output buffers.
 
 Floating point: the state math is in the input dtype (float32 inputs: float32 throughout, the speed
-path; float64 works too). exp(Δ A) is computed as exp2(Δ · A log2 e) (one hardware instruction in
-float32, ~2 ulp). No fast-math flags. Results match the reference to ~1e-6 relative in float32.
+path; float64 works too). exp(Δ A) is computed as exp2(Δ · A log2 e): in float32 the hardware's
+approximate exp2 (~2 ulp), plus a compare and two conditional multiplies that keep results in the
+denormal range exact, since there are no fast-math flags. Results match the reference to ~1e-6
+relative in float32.
 
 Public API (inputs already validated by minilm.ops.selective_scan; NumPy arrays or CUDA arrays):
     available() -> (ok, reason); supports(**options) -> (ok, reason)
