@@ -7,6 +7,8 @@ On the GPU machine (see shared/gpu/README.md), from the project root:
     export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
     python3 bench/gpu_check.py --out $OUT/gpu
 
+(bench/gpu_run.sh does all of that, then bench/gpu_scaling.py, in one command.)
+
 Sections, each guarded so that a failure is reported and the next section still runs; results are
 written after every section (results.json, timings.csv, summary.csv in --out):
 
