@@ -207,6 +207,12 @@ def la_inputs(B, H, T, Dk, Dv, dtype, seed, decay=None, state=False):
     return (q, k, v), options, do
 
 
+def on_device(values):
+    """{name: value} with every NumPy array copied to the device (None and flags stay as they are)."""
+    from numba import cuda
+    return {key: cuda.to_device(value) if isinstance(value, np.ndarray) else value for key, value in values.items()}
+
+
 def relative_error(actual, expected):
     actual = np.asarray(actual, dtype=np.float64)
     expected = np.asarray(expected, dtype=np.float64)
@@ -251,9 +257,7 @@ def check_scan(results, B, T, D, N, dtype, tolerance, seed, reference=None, gate
     name, ref_forward, ref_backward = reference or _scan_reference()
     _device.POISON_OUTPUTS = True
     try:
-        device = {key: cuda.to_device(value) for key, value in arrays.items()}
-        device_options = {key: (cuda.to_device(value) if isinstance(value, np.ndarray) else value)
-                          for key, value in options.items()}
+        device, device_options = on_device(arrays), on_device(options)
         (out, final), cache = gpu.forward(*device.values(), return_state=True, **device_options)
         grads = gpu.backward(cuda.to_device(dout), cache)
         out, final = out.copy_to_host(), final.copy_to_host()
@@ -281,7 +285,7 @@ def check_la(results, B, H, T, Dk, Dv, dtype, tolerance, seed, feature_map="iden
     kwargs = dict(feature_map=feature_map, scale=scale, return_state=True)
     _device.POISON_OUTPUTS = True
     try:
-        device_options = {key: (None if value is None else cuda.to_device(value)) for key, value in options.items()}
+        device_options = on_device(options)
         (out, final), cache = gpu.forward(*(cuda.to_device(x) for x in (q, k, v)), **kwargs, **device_options)
         grads = [g.copy_to_host() for g in gpu.backward(cuda.to_device(do), cache)]
         out, final = out.copy_to_host(), final.copy_to_host()
@@ -386,10 +390,6 @@ def scan_device_inputs(B, T, D, N, seed):
     (peer_workload), and "full" (Δ = softplus(delta + bias) inside the kernel, D skip, z gate);
     and dout."""
     from numba import cuda
-
-    def on_device(values):
-        return {key: cuda.to_device(value) if isinstance(value, np.ndarray) else value
-                for key, value in values.items()}
     arrays, options, dout = scan_inputs(B, T, D, N, np.float32, seed)
     plain = tuple(on_device(part) for part in peer_workload(arrays, options))
     del options["initial_state"]
