@@ -1,8 +1,12 @@
-"""The device helpers the CUDA wrappers share: accumulators carved from one allocation, and the cached
-zeros that stand in for optional inputs (they must never be written by a kernel).
+"""The device helpers the CUDA wrappers share: accumulators carved from one allocation, the cached
+zeros that stand in for optional inputs (they must never be written by a kernel), and the memory pool.
 
-Runs on a GPU or under the CUDA simulator (see conftest.py).
+Runs on a GPU or under the CUDA simulator (see conftest.py); the memory pool's checks run in a
+process of their own without the simulator (_memory_pool_checks.py says why).
 """
+import os
+import subprocess
+import sys
 from dataclasses import replace
 
 import numpy as np
@@ -56,3 +60,40 @@ def test_kernels_leave_placeholders_untouched(monkeypatch):
         assert np.all(array.copy_to_host() == 0)
     for first, second in zip(*results):
         np.testing.assert_array_equal(first, second)
+
+
+MEMORY_POOL_CHECKS = ["check_freed_buffer_is_reused", "check_buffer_in_use_is_not_lent",
+                      "check_views_keep_the_buffer", "check_size_classes",
+                      "check_release_drops_idle_buffers_only", "check_out_of_memory_releases_then_retries"]
+
+
+@pytest.fixture(scope="module")
+def memory_pool_report():
+    """{check name: "ok" or "FAILED <why>"} from one run of _memory_pool_checks.py."""
+    script = os.path.join(os.path.dirname(__file__), "_memory_pool_checks.py")
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0")
+    done = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=300)
+    report = {}
+    for line in done.stdout.splitlines():
+        name, _, verdict = line.partition(" ")
+        report[name] = verdict
+    assert done.returncode == 0 and report, f"the checks did not run: {done.stderr[-2000:]}"
+    return report
+
+
+@pytest.mark.parametrize("check", MEMORY_POOL_CHECKS)
+def test_memory_pool(memory_pool_report, check):
+    assert set(memory_pool_report) == set(MEMORY_POOL_CHECKS)
+    assert memory_pool_report[check] == "ok", memory_pool_report[check]
+
+
+def test_memory_pool_setting_is_ignored_by_the_simulator(monkeypatch):
+    """MEMORY_POOL on: without a device (the simulator) arrays still come from Numba, and work."""
+    if not _device.simulator_enabled():
+        pytest.skip("a real device: the pool is in use there (bench/gpu_check.py checks it)")
+    monkeypatch.setattr(_device, "MEMORY_POOL", True)
+    array = _device.to_device("x", np.arange(6, dtype=np.float32))
+    out = _device.empty((2, 3), np.float32)
+    _device.fill(out, 1.5)
+    np.testing.assert_array_equal(array.copy_to_host(), np.arange(6))
+    assert np.all(out.copy_to_host() == 1.5) and not _device._POOLS

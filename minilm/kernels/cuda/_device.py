@@ -8,10 +8,17 @@ Arrays come in three kinds and go back out in the kind they came in:
     "torch" / "cupy" are "device" arrays whose results are wrapped back into that library's type
                (torch.as_tensor(..., device="cuda"), cupy.asarray), again without a copy
 
+Memory for outputs, caches and work buffers: PyTorch and CuPy callers get it from their library's
+pool; everyone else from Numba (cuMemAlloc per call), or, with MEMORY_POOL set, from MemoryPool,
+which keeps a buffer whose arrays are gone and hands it out again.
+
 Under NUMBA_ENABLE_CUDASIM=1 Numba's CUDA simulator runs the same kernels on the CPU, one Python
 thread per CUDA thread: slow, but it checks the kernels where no GPU exists. It counts as available.
 """
+import itertools
 import os
+import weakref
+from functools import partial
 
 import numpy as np
 
@@ -21,6 +28,11 @@ try:  # numba.cuda is the numba-cuda package (or Numba's own deprecated copy of 
 except Exception as error:  # pragma: no cover - depends on the installation
     cuda = None
     _IMPORT_ERROR = error
+
+# Take the device memory of Numba device arrays (outputs, caches, NumPy inputs' copies) from
+# minilm's MemoryPool instead of cuMemAlloc. Off by default until it is timed on a GPU
+# (bench/gpu_check.py measures both); ignored by the simulator.
+MEMORY_POOL = False
 
 # Fill every output buffer with NaN before a kernel runs, so that an element the kernel forgets to
 # write shows up in a comparison. Off by default (it costs a pass over memory); bench/gpu_check.py
@@ -112,7 +124,12 @@ def to_device(name, x):
     if kind == "numpy":
         if x.dtype not in (np.float32, np.float64):
             raise TypeError(f"{name} must have dtype float32 or float64, got {x.dtype}")
-        return cuda.to_device(np.ascontiguousarray(x))
+        x = np.ascontiguousarray(x)
+        if MEMORY_POOL and not simulator_enabled() and x.size > 0:
+            array = memory_pool().empty(x.shape, x.dtype)
+            array.copy_to_device(x)
+            return array
+        return cuda.to_device(x)
     # a Numba device array is used as it is: wrapping it again would cost the host a new array object
     array = x if _is_numba_device_array(x) else cuda.as_cuda_array(x)
     if array.dtype not in (np.float32, np.float64):
@@ -140,7 +157,8 @@ def from_device(array, kind):
 def _allocate(shape, dtype, kind):
     """Uninitialised device memory. PyTorch and CuPy callers get it from their library's memory pool
     (a pooled allocation costs the host microseconds; cudaMalloc and cudaFree of a large buffer far
-    more, and cudaFree waits for the device); everyone else from Numba."""
+    more, and cudaFree waits for the device); everyone else from Numba, or from minilm's own pool
+    (MemoryPool) when MEMORY_POOL is set."""
     if kind == "torch":
         import torch
         tensor = torch.empty(tuple(shape), dtype=getattr(torch, np.dtype(dtype).name), device="cuda")
@@ -148,6 +166,8 @@ def _allocate(shape, dtype, kind):
     if kind == "cupy":
         import cupy
         return cuda.as_cuda_array(cupy.empty(tuple(shape), dtype=dtype), sync=False)
+    if MEMORY_POOL and not simulator_enabled() and int(np.prod(shape)) > 0:
+        return memory_pool().empty(shape, dtype)
     return cuda.device_array(shape, dtype=dtype)
 
 
@@ -223,3 +243,110 @@ def fill(array, value):
 def synchronize():
     """Wait for every queued kernel (for timing)."""
     cuda.synchronize()
+
+
+# ----------------------------------------------------------------------------------------------
+# reusing device memory across calls
+
+def pool_size(nbytes):
+    """The size class a request of nbytes is served from: up to 1 MiB rounded up to 512 bytes,
+    beyond that to 2 MiB, so that a buffer freed by one call serves the same request of the next."""
+    step = 512 if nbytes <= 1 << 20 else 2 << 20
+    return max(step, -(-int(nbytes) // step) * step)
+
+
+def _c_strides(shape, itemsize):
+    strides, stride = [], itemsize
+    for extent in reversed(shape):
+        strides.append(stride)
+        stride *= max(extent, 1)
+    return tuple(reversed(strides))
+
+
+class MemoryPool:
+    """Device buffers kept for reuse, as PyTorch's caching allocator keeps them.
+
+    Without a pool every call's outputs and caches come from cuMemAlloc, and Numba frees them in
+    batches with cuMemFree, which waits for the device: for the 100-MB buffers of the benchmarks,
+    the host then spends a large part of a call on memory. Here a buffer whose last array is gone
+    goes back to the pool, and the next request of its size class (pool_size) gets it again.
+
+        empty(shape, dtype)   a C-contiguous Numba device array on a pooled buffer
+        release()             hand the idle buffers back to the driver
+
+    When is a buffer free again? Numba counts the arrays viewing a buffer (the array, its reshapes
+    and its slices all hold a reference to the same pointer); the buffer returns when that count
+    reaches zero. Handing it out again at once is safe because everything here runs on the default
+    stream, in order: the next kernel that writes the buffer starts after every queued kernel that
+    read it has finished.
+
+    context: the CUDA context the buffers belong to; allocate(nbytes): a new device buffer, an
+    object with .device_pointer (the context's memalloc).
+    """
+
+    def __init__(self, context, allocate):
+        self.context = context
+        self.allocate = allocate
+        self.idle = {}              # size class -> buffers ready to hand out
+        self.lent = {}              # key -> the pointer of a buffer in use (kept alive until its last view is gone)
+        self._keys = itertools.count()
+        self.hits = 0               # requests served from the pool
+        self.misses = 0             # requests that needed a new buffer
+
+    def empty(self, shape, dtype):
+        from numba.cuda.cudadrv import devicearray, driver
+        dtype = np.dtype(dtype)
+        shape = tuple(int(extent) for extent in shape)
+        size = pool_size(int(np.prod(shape)) * dtype.itemsize)
+        idle = self.idle.get(size)
+        if idle:
+            buffer = idle.pop()
+            self.hits += 1
+        else:
+            buffer = self._new_buffer(size)
+            self.misses += 1
+        key = next(self._keys)
+        # An AutoFreePointer calls its finalizer when the count of arrays viewing it reaches zero.
+        pointer = driver.AutoFreePointer(weakref.proxy(self.context), buffer.device_pointer, size,
+                                         finalizer=partial(self._give_back, key, size, buffer))
+        self.lent[key] = pointer
+        return devicearray.DeviceNDArray(shape, _c_strides(shape, dtype.itemsize), dtype,
+                                         gpu_data=pointer.own())
+
+    def _give_back(self, key, size, buffer):
+        del self.lent[key]
+        self.idle.setdefault(size, []).append(buffer)
+
+    def _new_buffer(self, size):
+        try:
+            return self.allocate(size)
+        except Exception:           # out of memory: return the idle buffers to the driver, try once more
+            if not self.idle:
+                raise
+            self.release()
+            return self.allocate(size)
+
+    def release(self):
+        """Drop the idle buffers (Numba frees them); buffers in use stay with their arrays."""
+        self.idle.clear()
+        deallocations = getattr(self.context, "deallocations", None)
+        if deallocations is not None:       # Numba defers frees: do them now
+            deallocations.clear()
+
+    def held_bytes(self):
+        """Bytes of device memory the pool holds: (in use, idle)."""
+        in_use = sum(pointer.size for pointer in list(self.lent.values()))
+        idle = sum(size * len(buffers) for size, buffers in list(self.idle.items()))
+        return in_use, idle
+
+
+_POOLS = {}
+
+
+def memory_pool():
+    """The MemoryPool of the current CUDA context (made on first use)."""
+    context = cuda.current_context()
+    key = id(context)                # the context is kept alive with its pool, so its id stays unique
+    if key not in _POOLS:
+        _POOLS[key] = (context, MemoryPool(context, context.memalloc))
+    return _POOLS[key][1]
