@@ -20,11 +20,13 @@ written after every section (results.json, timings.csv, summary.csv in --out):
      (host_ms: the time the host spends inside the call; the rest of ms is the GPU's);
   3. the same with PyTorch tensors in and out (checked against the Numba-array path): outputs then
      come from PyTorch's caching allocator, as for the peers;
-  4. where the host time of a call goes (cProfile, the costliest functions per call);
-  5. the peers (.whl/peers.py: copy bandwidth, fla chunk_linear_attn, mambapy pscan) in a subprocess;
-  6. while time allows (--sweep-until), a sweep of the scan's block shapes and the linear-attention
+  4. the same with minilm's memory pool (_device.MEMORY_POOL): its bookkeeping on the device, pooled
+     results against unpooled ones, timings;
+  5. where the host time of a call goes (cProfile, the costliest functions per call);
+  6. the peers (.whl/peers.py: copy bandwidth, fla chunk_linear_attn, mambapy pscan) in a subprocess;
+  7. while time allows (--sweep-until), a sweep of the scan's block shapes and the linear-attention
      tiles (--sweeps), each entry's output and gradients checked against the default's;
-  7. one table, printed last, of our figures, the peers' and the ratios against the targets (time
+  8. one table, printed last, of our figures, the peers' and the ratios against the targets (time
      growth with L included), with the fastest entries of the sweeps.
 
 --smoke runs the same code on tiny shapes (it works under NUMBA_ENABLE_CUDASIM=1, for testing this
@@ -485,6 +487,101 @@ def section_torch(results, smoke):
               lambda cache: la.backward(do, cache), " (torch in/out)")
 
 
+class memory_pool_on:
+    """with memory_pool_on(): ... runs the kernels with _device.MEMORY_POOL set (Numba arrays whose
+    device memory minilm's MemoryPool reuses across calls)."""
+
+    def __enter__(self):
+        from minilm.kernels.cuda import _device
+        self.previous, _device.MEMORY_POOL = _device.MEMORY_POOL, True
+
+    def __exit__(self, *exc):
+        from minilm.kernels.cuda import _device
+        _device.MEMORY_POOL = self.previous
+
+
+def section_memory_pool(results, smoke):
+    """The memory pool (_device.MEMORY_POOL) on a real device: its bookkeeping (a slice keeps its
+    buffer lent, a buffer comes back once its last view is gone), the outputs and gradients of both
+    ops from pooled buffers (second run: every buffer handed out again, NaN-poisoned first) against
+    an unpooled run, then the timings with the pool (rows labelled "(memory pool)")."""
+    from numba import cuda
+    from minilm.kernels.cuda import _device
+    from minilm.kernels.cuda import linear_attention as la
+    from minilm.kernels.cuda import selective_scan as scan
+    if _device.simulator_enabled():
+        log("(memory pool section skipped: the simulator has no device memory to pool)")
+        return
+    started = time.time()
+    pool = _device.memory_pool()
+
+    def address(array):
+        return array.__cuda_array_interface__["data"][0]
+
+    first = pool.empty((1 << 20,), np.float32)
+    where = address(first)
+    part = first[10:20]
+    del first
+    other = pool.empty((1 << 20,), np.float32)
+    lent_again_too_early = address(other) == where
+    del part
+    again = pool.empty((1 << 20,), np.float32)
+    _device.fill(again, 3.0)
+    bookkeeping = {"slice keeps its buffer": float("inf") if lent_again_too_early else 0.0,
+                   "buffer comes back": 0.0 if address(again) == where else float("inf"),
+                   "values": relative_error(again.copy_to_host(), np.full(1 << 20, 3.0))}
+    del other, again
+    _record_check(results, "memory pool bookkeeping", "4 MiB buffers", "float32", "expected", bookkeeping, 0.0,
+                  time.time() - started)
+
+    started = time.time()
+    B, T, D, N = (1, 64, 16, 4) if smoke else (4, 4096, 1536, 16)
+    _, (arrays, options), dout = scan_device_inputs(B, T, D, N, 28)
+    Bl, H, L, d = (1, 2, 64, 8) if smoke else (2, 16, 16384, 64)
+    (q, k, v), _, do = la_inputs(Bl, H, L, d, d, np.float32, 29)
+    q, k, v, do = (cuda.to_device(x) for x in (q, k, v, do))
+
+    def run():
+        out, cache = scan.forward(*arrays.values(), **options)
+        values = {"scan out": out.copy_to_host()}
+        names = ("du", "ddelta", "dA", "dBm", "dCm", "dD", "dz", "ddelta_bias")
+        values.update({f"scan {name}": g.copy_to_host() for name, g in zip(names, scan.backward(dout, cache))
+                       if g is not None})
+        out, cache = la.forward(q, k, v)
+        values["la out"] = out.copy_to_host()
+        values.update({f"la {name}": g.copy_to_host() for name, g in zip(("dq", "dk", "dv"), la.backward(do, cache))})
+        return values
+
+    _device.POISON_OUTPUTS = True
+    try:
+        unpooled = run()
+        with memory_pool_on():
+            run()
+            pooled = run()
+    finally:
+        _device.POISON_OUTPUTS = False
+    errors = {name: relative_error(pooled[name], unpooled[name]) for name in unpooled}
+    _record_check(results, "scan + linear_attention, memory pool", f"B={B} T={T} D={D} N={N}; B={Bl} H={H} T={L} d={d}",
+                  "float32", "no pool", errors, 1e-5, time.time() - started)
+
+    with memory_pool_on():
+        for label, forward, backward, shape, L_row in (
+                ("scan", lambda: scan.forward(*arrays.values(), **options), lambda cache: scan.backward(dout, cache),
+                 f"B={B} T={T} D={D} N={N}", T),
+                ("linear_attn", lambda: la.forward(q, k, v), lambda cache: la.backward(do, cache),
+                 f"B={Bl} H={H} T={L} d={d}", L)):
+            time_pair(results, label, shape, L_row, forward, backward, " (memory pool)")
+    in_use, idle = pool.held_bytes()
+    log(f"memory pool: {pool.hits} requests served from the pool, {pool.misses} new buffers; "
+        f"holds {in_use / 2**20:.0f} MiB in use, {idle / 2**20:.0f} MiB idle")
+    pool.release()
+
+
+def _pooled(call):
+    with memory_pool_on():
+        return call()
+
+
 def section_host_profile(results, smoke, repeats=30):
     """Where the host time of a call goes: cProfile over repeated calls at the target shapes, Numba
     device arrays in and out (PyTorch tensors too where PyTorch has CUDA). The device is synchronised
@@ -506,6 +603,8 @@ def section_host_profile(results, smoke, repeats=30):
         "linear_attn fwd": lambda: la.forward(q, k, v),
         "linear_attn fwd+bwd": lambda: la.backward(do, la.forward(q, k, v)[1]),
     }
+    for label in ("scan fwd", "linear_attn fwd+bwd"):
+        calls[f"{label} (memory pool)"] = lambda call=calls[label]: _pooled(call)
     try:
         import torch
         if torch.cuda.is_available():
@@ -727,21 +826,25 @@ def section_summary(results):
             growth = last["ms"] / first["ms"]
             add(f"{op.replace('_', ' ')} L={short}->{long}: time growth / L growth", growth, float(long // short),
                 growth / (long // short), TARGETS["growth_over_L"], "lower", "ours")
-    torch_scan = _ours(results, "scan fwd (torch in/out)", 4096)
-    if torch_scan:
-        peer = figures.get(("mambapy", 4096))
-        add("scan fwd L=4096, torch in/out: speed-up vs pscan (ms)", torch_scan["ms"], peer,
-            peer / torch_scan["ms"] if peer else None, TARGETS["scan_speedup_vs_mambapy"], "higher",
-            "measured" if ("mambapy", 4096) in measured else "recorded H100")
-    for op, target in (("linear_attn fwd (torch in/out)", "la_fwd_over_fla"),
-                       ("linear_attn fwd+bwd (torch in/out)", "la_fwdbwd_over_fla")):
-        row = _ours(results, op, 16384)
-        peer_key = ("fla_fwd" if "bwd" not in op else "fla_fwdbwd", 16384)
-        if row:
-            peer = figures.get(peer_key)
-            add(f"{op.replace('linear_attn', 'linear attn')} L=16384: ours / fla (ms)", row["ms"], peer,
-                row["ms"] / peer if peer else None, TARGETS[target], "lower",
-                "measured" if peer_key in measured else "recorded H100")
+    for label in (" (torch in/out)", " (memory pool)"):     # the same targets, other kinds of output memory
+        scan_fwd = _ours(results, f"scan fwd{label}", 4096)
+        if scan_fwd:
+            peer = figures.get(("mambapy", 4096))
+            add(f"scan fwd{label} L=4096: speed-up vs pscan (ms)", scan_fwd["ms"], peer,
+                peer / scan_fwd["ms"] if peer else None, TARGETS["scan_speedup_vs_mambapy"], "higher",
+                "measured" if ("mambapy", 4096) in measured else "recorded H100")
+            scan_both = _ours(results, f"scan fwd+bwd{label}", 4096)
+            if scan_both:
+                add(f"scan{label} L=4096: fwd+bwd / fwd (ms)", scan_both["ms"], scan_fwd["ms"],
+                    scan_both["ms"] / scan_fwd["ms"], TARGETS["scan_fwdbwd_over_fwd"], "lower", "ours")
+        for op, target in (("fwd", "la_fwd_over_fla"), ("fwd+bwd", "la_fwdbwd_over_fla")):
+            row = _ours(results, f"linear_attn {op}{label}", 16384)
+            peer_key = ("fla_fwd" if op == "fwd" else "fla_fwdbwd", 16384)
+            if row:
+                peer = figures.get(peer_key)
+                add(f"linear attn {op}{label} L=16384: ours / fla (ms)", row["ms"], peer,
+                    row["ms"] / peer if peer else None, TARGETS[target], "lower",
+                    "measured" if peer_key in measured else "recorded H100")
     # the fastest correct entry of each sweep (same shapes as the target rows above)
     sweep = [row for row in results.data["sweep"] if row["rel_error_vs_default"] <= 1e-4]
 
@@ -829,6 +932,7 @@ def main():
     results.section("correctness", section_correctness, args.smoke)
     results.section("timings", section_timings, args.smoke)
     results.section("torch tensors in and out", section_torch, args.smoke)
+    results.section("memory pool", section_memory_pool, args.smoke)
     results.section("host time per call", section_host_profile, args.smoke)
     if not args.no_peers:
         results.section("peers", section_peers, args.smoke, args.peers_timeout)
