@@ -488,16 +488,16 @@ def section_torch(results, smoke):
 
 
 class memory_pool_on:
-    """with memory_pool_on(): ... runs the kernels with _device.MEMORY_POOL set (Numba arrays whose
-    device memory minilm's MemoryPool reuses across calls)."""
+    """with memory_pool_on(): ... runs the kernels with the memory pool on (Numba arrays whose device
+    memory minilm's MemoryPool reuses across calls)."""
 
     def __enter__(self):
-        from minilm.kernels.cuda import _device
-        self.previous, _device.MEMORY_POOL = _device.MEMORY_POOL, True
+        from minilm.kernels.cuda import use_memory_pool
+        self.previous = use_memory_pool(True)
 
     def __exit__(self, *exc):
-        from minilm.kernels.cuda import _device
-        _device.MEMORY_POOL = self.previous
+        from minilm.kernels.cuda import use_memory_pool
+        use_memory_pool(self.previous)
 
 
 def section_memory_pool(results, smoke):

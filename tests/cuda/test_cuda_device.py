@@ -88,10 +88,13 @@ def test_memory_pool(memory_pool_report, check):
 
 
 def test_memory_pool_setting_is_ignored_by_the_simulator(monkeypatch):
-    """MEMORY_POOL on: without a device (the simulator) arrays still come from Numba, and work."""
+    """use_memory_pool(): without a device (the simulator) arrays still come from Numba, and work."""
     if not _device.simulator_enabled():
         pytest.skip("a real device: the pool is in use there (bench/gpu_check.py checks it)")
-    monkeypatch.setattr(_device, "MEMORY_POOL", True)
+    from minilm.kernels.cuda import use_memory_pool
+    monkeypatch.setattr(_device, "MEMORY_POOL", False)
+    assert use_memory_pool() is False and _device.MEMORY_POOL is True
+    assert use_memory_pool(True) is True
     array = _device.to_device("x", np.arange(6, dtype=np.float32))
     out = _device.empty((2, 3), np.float32)
     _device.fill(out, 1.5)

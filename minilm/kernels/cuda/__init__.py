@@ -2,7 +2,8 @@
 
     selective_scan      forward / backward of Mamba's selective scan (two-level chunked scan)
     linear_attention    forward / backward of chunked causal linear attention (tiles per chunk)
-    _device             available(), and moving NumPy / Numba / CuPy / PyTorch arrays in and out
+    _device             available(), moving NumPy / Numba / CuPy / PyTorch arrays in and out, and
+                        use_memory_pool(): reuse the device memory of Numba arrays across calls
 
 Each kernel module exposes available() -> (ok, reason), supports(**options) -> (ok, reason),
 forward(...) -> (out, cache) with cache["backend"] == "cuda", and backward(dout, cache). They run on
@@ -10,6 +11,6 @@ a GPU, or on the CPU under Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1, set b
 imported), which the tests in tests/cuda use. Importing this package never fails: without numba.cuda,
 available() says why.
 """
-from minilm.kernels.cuda._device import available
+from minilm.kernels.cuda._device import available, use_memory_pool
 
-__all__ = ["available"]
+__all__ = ["available", "use_memory_pool"]

@@ -340,6 +340,14 @@ class MemoryPool:
         return in_use, idle
 
 
+def use_memory_pool(enabled=True):
+    """Turn the memory pool for Numba device arrays on or off (MEMORY_POOL); returns the previous
+    setting. Turning it off does not free what the pool holds: memory_pool().release() does."""
+    global MEMORY_POOL
+    previous, MEMORY_POOL = MEMORY_POOL, bool(enabled)
+    return previous
+
+
 _POOLS = {}
 
 
