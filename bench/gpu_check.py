@@ -20,8 +20,8 @@ written after every section (results.json, timings.csv, summary.csv in --out):
      (host_ms: the time the host spends inside the call; the rest of ms is the GPU's);
   3. the same with PyTorch tensors in and out (checked against the Numba-array path): outputs then
      come from PyTorch's caching allocator, as for the peers;
-  4. the same with minilm's memory pool (_device.MEMORY_POOL): its bookkeeping on the device, pooled
-     results against unpooled ones, timings;
+  4. the same with minilm's memory pool (minilm.kernels.cuda.use_memory_pool): its bookkeeping on
+     the device, pooled results against unpooled ones, timings;
   5. where the host time of a call goes (cProfile, the costliest functions per call);
   6. the peers (.whl/peers.py: copy bandwidth, fla chunk_linear_attn, mambapy pscan) in a subprocess;
   7. while time allows (--sweep-until), a sweep of the scan's block shapes and the linear-attention
@@ -501,7 +501,7 @@ class memory_pool_on:
 
 
 def section_memory_pool(results, smoke):
-    """The memory pool (_device.MEMORY_POOL) on a real device: its bookkeeping (a slice keeps its
+    """The memory pool (use_memory_pool) on a real device: its bookkeeping (a slice keeps its
     buffer lent, a buffer comes back once its last view is gone), the outputs and gradients of both
     ops from pooled buffers (second run: every buffer handed out again, NaN-poisoned first) against
     an unpooled run, then the timings with the pool (rows labelled "(memory pool)")."""
@@ -536,7 +536,7 @@ def section_memory_pool(results, smoke):
 
     started = time.time()
     B, T, D, N = (1, 64, 16, 4) if smoke else (4, 4096, 1536, 16)
-    _, (arrays, options), dout = scan_device_inputs(B, T, D, N, 28)
+    (plain_arrays, plain), (arrays, options), dout = scan_device_inputs(B, T, D, N, 28)
     Bl, H, L, d = (1, 2, 64, 8) if smoke else (2, 16, 16384, 64)
     (q, k, v), _, do = la_inputs(Bl, H, L, d, d, np.float32, 29)
     q, k, v, do = (cuda.to_device(x) for x in (q, k, v, do))
@@ -566,8 +566,8 @@ def section_memory_pool(results, smoke):
 
     with memory_pool_on():
         for label, forward, backward, shape, L_row in (
-                ("scan", lambda: scan.forward(*arrays.values(), **options), lambda cache: scan.backward(dout, cache),
-                 f"B={B} T={T} D={D} N={N}", T),
+                ("scan", lambda: scan.forward(*plain_arrays.values(), **plain),     # the peer's work, as "scan fwd"
+                 lambda cache: scan.backward(dout, cache), f"B={B} T={T} D={D} N={N}", T),
                 ("linear_attn", lambda: la.forward(q, k, v), lambda cache: la.backward(do, cache),
                  f"B={Bl} H={H} T={L} d={d}", L)):
             time_pair(results, label, shape, L_row, forward, backward, " (memory pool)")
