@@ -4,11 +4,13 @@
 #     bash bench/gpu_run.sh OUT_DIR
 #
 # Installs the carried wheels (.whl/*.whl, see shared/gpu/README.md) into /tmp/site when they are
-# there, then runs, each under a time limit so that the second always gets its turn:
-#   bench/gpu_check.py    correctness at full size, timings, host-time profile, peers, sweeps
-#   bench/gpu_scaling.py  Numba CPU vs numba.cuda for L = 1K ... 64K
+# there, then runs, each under a time limit so that the next always gets its turn:
+#   bench/tensor_core_probe.py  a TF32 mma from numba.cuda through inline PTX, checked against NumPy
+#   bench/gpu_check.py          correctness at full size, timings, host-time profile, peers, sweeps
+#   bench/gpu_scaling.py        Numba CPU vs numba.cuda for L = 1K ... 64K
 # and prints the end of gpu_check's log (its summary table). Results and logs land in OUT_DIR
-# (8 files). SMOKE=1 runs both scripts on tiny shapes (with NUMBA_ENABLE_CUDASIM=1, without a GPU).
+# (9 files). SMOKE=1 runs the last two on tiny shapes (with NUMBA_ENABLE_CUDASIM=1, without a GPU;
+# the probe cannot run under the simulator).
 set -uo pipefail
 out=${1:?usage: bash bench/gpu_run.sh OUT_DIR}
 smoke=()
@@ -24,10 +26,15 @@ fi
 export PYTHONUNBUFFERED=1 NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS=0
 mkdir -p "$out"
 
-timeout 420 python3 bench/gpu_check.py "${smoke[@]}" --out "$out/gpu" --peers-timeout 120 --sweep-until 330 \
+if [[ -z "${SMOKE:-}" ]]; then
+    timeout 45 python3 bench/tensor_core_probe.py > "$out/tensor_core_probe.log" 2>&1
+    echo "tensor_core_probe: exit status $?"
+fi
+timeout 400 python3 bench/gpu_check.py "${smoke[@]}" --out "$out/gpu" --peers-timeout 120 --sweep-until 310 \
     > "$out/gpu_check.log" 2>&1
 echo "gpu_check: exit status $?"
 timeout 120 python3 bench/gpu_scaling.py "${smoke[@]}" --out "$out/scaling" --no-peers --numpy-max-L 0 \
     --cpu-max-L 4096 > "$out/scaling.log" 2>&1
 echo "gpu_scaling: exit status $?"
+cat "$out/tensor_core_probe.log" 2>/dev/null
 grep -v "Warning\|warn(" "$out/gpu_check.log" | tail -n 60
