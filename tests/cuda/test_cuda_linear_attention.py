@@ -3,7 +3,9 @@
 Runs on a GPU or under the CUDA simulator (see conftest.py). The tile (= chunk length) is shrunk to
 8 so that tiny inputs span several chunks, with T, Dk and Dv not multiples of it. Output, final
 state and the gradients of q, k, v (and log_decay) are compared on fresh random inputs,
-scale-aware: max|cuda - ref| / max|ref| <= 1e-5 in float32 and 1e-10 in float64.
+scale-aware: max|cuda - ref| / max|ref| <= 1e-5 in float32 and 1e-10 in float64. The tensor-core
+tiles (TF32, 3xTF32) run the same comparisons at tiles of 16 and 32 (their mma emulated under the
+simulator: see _tensor_cores.py).
 """
 import numpy as np
 import pytest
@@ -21,12 +23,10 @@ TOLERANCE = {np.float32: 1e-5, np.float64: 1e-10}
 
 @pytest.fixture(autouse=True)
 def small_tiles():
-    saved = dict(cuda_la.TILES)
-    for dtype in ("float32", "float64"):
-        cuda_la.set_tile(dtype, 8)
+    saved = {dtype: cuda_la.set_tile(dtype, 8) for dtype in ("float32", "float64")}
     yield
-    cuda_la.TILES.clear()
-    cuda_la.TILES.update(saved)
+    for dtype, previous in saved.items():
+        cuda_la.set_tile(dtype, *previous)
 
 
 def make_inputs(B, H, T, Dk, Dv, dtype, seed, decay=None, state=False):
@@ -76,6 +76,66 @@ def test_matches_reference(B, H, T, Dk, Dv, dtype, seed, options):
         assert grad.dtype == dtype and grad.shape == grad_ref.shape, name
         error = relative_error(grad, grad_ref)
         assert error <= tolerance, f"{name}: relative error {error:.2e}"
+
+
+def run_and_compare(q, k, v, inputs, options, dtype, seed):
+    """{name: relative error} of out, final state and every gradient against the reference."""
+    kwargs = dict(options, return_state=True, **inputs)
+    (out_ref, final_ref), cache_ref = reference.forward(q, k, v, mode="chunked", chunk_size=4, **kwargs)
+    (out, final), cache = cuda_la.forward(q, k, v, **kwargs)
+    do = np.random.default_rng(seed + 1).standard_normal(out_ref.shape).astype(dtype)
+    grads_ref = reference.backward(do, cache_ref)
+    grads = cuda_la.backward(do, cache)
+    assert len(grads) == len(grads_ref)
+    errors = {"out": relative_error(out, out_ref), "final": relative_error(final, final_ref)}
+    errors.update({name: relative_error(grad, grad_ref)
+                   for name, grad, grad_ref in zip(("dq", "dk", "dv", "dlog_decay"), grads, grads_ref)})
+    return errors
+
+
+@pytest.mark.parametrize("mode, tile, B, H, T, Dk, Dv, seed, options", [
+    # one warp per block (tile 16): 2 chunks, the last partial; Dk over two tiles; decay, state, elu1
+    ("tf32", 16, 1, 1, 20, 20, 9, 6, dict(decay="step", state=True, scale=0.5, feature_map="elu1")),
+    ("3xtf32", 16, 1, 1, 16, 5, 18, 7, dict(decay="head")),          # Dv over two tiles
+    ("tf32", 32, 1, 1, 9, 3, 4, 8, dict()),                          # two warps per block (tile 32)
+])
+def test_tensor_cores_match_reference(mode, tile, B, H, T, Dk, Dv, seed, options):
+    """3xTF32 agrees with the reference as closely as the float FMAs; plain TF32 to about 1e-3
+    (its inputs keep 10 mantissa bits), and not better than 1e-6, so that its rounding shows.
+    (Small: every emulated mma waits for 32 simulated threads.)"""
+    cuda_la.set_tile("float32", tile, tensor_cores=mode)
+    options = dict(options)
+    decay, state = options.pop("decay", None), options.pop("state", False)
+    (q, k, v), inputs = make_inputs(B, H, T, Dk, Dv, np.float32, seed, decay, state)
+    errors = run_and_compare(q, k, v, inputs, options, np.float32, seed)
+    if mode == "3xtf32":
+        assert max(errors.values()) <= 1e-5, errors
+    else:
+        assert max(errors.values()) <= 2e-2, errors
+        assert errors["out"] > 1e-6, errors
+
+
+@pytest.mark.parametrize("tile", [16, 32, 64])
+def test_tensor_core_tiles_are_owned_once(tile):
+    """On tensor cores, the threads' accumulators cover the tile × tile product exactly once (at
+    tile 64, the default, eight warps in a 4 × 2 grid, too many threads to simulate end to end)."""
+    threads = 32 * (tile // 16) * (tile // min(32, tile))
+    acc = np.zeros((2, min(32, tile) // 4), np.float32)
+    owners = np.zeros((tile, tile), int)
+    for tid in range(threads):
+        for i in range(acc.shape[0]):
+            for j in range(acc.shape[1]):
+                owners[cuda_la._owned_row(i, tid, acc, tile, 1), cuda_la._owned_col(j, tid, acc, tile, 1)] += 1
+    assert np.all(owners == 1)
+
+
+@pytest.mark.parametrize("dtype, tile, mode", [("float64", 16, "tf32"), ("float32", 8, "3xtf32"),
+                                                ("float32", 16, "fp16")])
+def test_tensor_core_settings_are_checked(dtype, tile, mode):
+    before = (cuda_la.TILES[dtype], cuda_la.TENSOR_CORES[dtype])
+    with pytest.raises(ValueError, match="tensor"):
+        cuda_la.set_tile(dtype, tile, tensor_cores=mode)
+    assert (cuda_la.TILES[dtype], cuda_la.TENSOR_CORES[dtype]) == before
 
 
 def test_device_arrays_in_device_arrays_out():

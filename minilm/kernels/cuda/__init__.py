@@ -4,6 +4,8 @@
     linear_attention    forward / backward of chunked causal linear attention (tiles per chunk)
     _device             available(), moving NumPy / Numba / CuPy / PyTorch arrays in and out, and
                         use_memory_pool(): reuse the device memory of Numba arrays across calls
+    _tensor_cores       tf32() and mma_tf32(): the TF32 tensor-core instruction through inline PTX
+                        (emulated under the simulator), for linear attention's TENSOR_CORES modes
 
 Each kernel module exposes available() -> (ok, reason), supports(**options) -> (ok, reason),
 forward(...) -> (out, cache) with cache["backend"] == "cuda", and backward(dout, cache). They run on

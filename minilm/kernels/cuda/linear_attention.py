@@ -33,8 +33,10 @@ Backward, with dO = dL/dout and G_c = dL/dS_{c+1}, the gradient of the state lea
 Kernels (built by _make_kernels for each dtype and tile size; C = TILE): one block per
 (batch·head, chunk, output tile) for the work inside a chunk (outer_kernel, output_kernel,
 dq_kernel, dk_kernel, dv_kernel), with C × TILE operand tiles in shared memory and each thread
-accumulating a REG × REG register tile of the product (_tile_mma); chunk states by a scan over
-chunks (chunk_scan_kernel), one thread per state entry, in place. The states entering every chunk,
+accumulating a REG × REG register tile of the product with float FMAs (_tile_mma), or, with
+TENSOR_CORES set (float32), each warp a 16 × 32 part of it with TF32 tensor-core mma (plain TF32,
+or 3xTF32 for close to float32 accuracy; _tensor_cores.py); chunk states by a scan over chunks
+(chunk_scan_kernel), one thread per state entry, in place. The states entering every chunk,
 (B, H, n_chunks, Dk, Dv), are kept in the cache for the backward (the backward's G_c are built the
 same way); no T × T matrix and no per-token state is ever formed. The math is in the input dtype
 (float32: the speed path), with no fast-math flags. Gradients do not flow into initial_state or out
@@ -55,6 +57,7 @@ import numpy as np
 
 from minilm.kernels.cuda import _device
 from minilm.kernels.cuda._device import cuda
+from minilm.kernels.cuda._tensor_cores import mma_tf32, tf32
 
 try:
     from numba import uint32 as _u32
@@ -69,25 +72,38 @@ DECAY_NONE, DECAY_PER_HEAD, DECAY_PER_STEP = 0, 1, 2
 TILES = {"float32": 64, "float64": 32}
 REGS = {"float32": 4, "float64": 4}
 # Launch bounds of the tile kernels, per dtype: blocks per multiprocessor to leave room for (0: none).
-# With 64-step tiles and 4 × 4 register tiles, 3 caps dk and dv at 80 registers (86 and 92 unbounded;
-# sm_90, bench/cuda_registers.py): 24 resident warps instead of 16; 4 (64 registers) would spill.
+# With 64-step tiles and 4 × 4 register tiles, 3 keeps every tile kernel at 80 registers or fewer,
+# 24 resident warps (sm_90, bench/cuda_registers.py; on an H200 14 % faster forward+backward than
+# without, when dk and dv compiled to 86 and 92 registers unbounded); 4 (64 registers) would spill.
 MIN_BLOCKS = {"float32": 3, "float64": 0}
+# The tile products on float FMAs ("off"), or on tensor cores: "tf32" (inputs rounded to 10 mantissa
+# bits, relative errors near 1e-3, as Triton's default for float32 dot products) or "3xtf32" (each
+# input split in two TF32 parts, three mma: close to float32). float32 only; tiles a multiple of 16.
+# Off by default until checked and timed on a GPU (bench/gpu_check.py sweeps it).
+TENSOR_CORES = {"float32": "off", "float64": "off"}
+LAYOUTS = {"off": 0, "tf32": 1, "3xtf32": 2}       # the `layout` argument of _tile_mma
 SCAN_THREADS = 256     # threads per block of the chunk scan and of the decay-gradient kernel
 SCAN_UNROLL = 4        # chunks whose increments the scan loads before folding them in (more loads in flight)
 
 
-def set_tile(dtype, tile, reg=None, min_blocks=None):
-    """Change the tile (= chunk length), and optionally the register tile and the launch bounds
-    (MIN_BLOCKS), used for `dtype`.
+def set_tile(dtype, tile, reg=None, min_blocks=None, tensor_cores=None):
+    """Change the tile (= chunk length), and optionally the register tile, the launch bounds
+    (MIN_BLOCKS) and the tensor-core mode (TENSOR_CORES), used for `dtype`.
 
-    tile must be a multiple of 4 and of reg. Returns the previous (tile, reg, min_blocks).
+    tile must be a multiple of 4 and of reg (of 16 on tensor cores). Returns the previous
+    (tile, reg, min_blocks, tensor_cores).
     """
     reg = REGS[dtype] if reg is None else reg
     min_blocks = MIN_BLOCKS[dtype] if min_blocks is None else min_blocks
+    tensor_cores = TENSOR_CORES[dtype] if tensor_cores is None else tensor_cores
     if tile % reg or tile % 4 or tile < reg:
         raise ValueError(f"tile must be a positive multiple of 4 and of reg={reg}, got {tile}")
-    previous = TILES[dtype], REGS[dtype], MIN_BLOCKS[dtype]
-    TILES[dtype], REGS[dtype], MIN_BLOCKS[dtype] = tile, reg, min_blocks
+    if tensor_cores not in LAYOUTS:
+        raise ValueError(f"tensor_cores must be one of {sorted(LAYOUTS)}, got {tensor_cores!r}")
+    if tensor_cores != "off" and (dtype != "float32" or tile % 16):
+        raise ValueError(f"tensor cores need float32 and a tile that is a multiple of 16, got {dtype}, {tile}")
+    previous = TILES[dtype], REGS[dtype], MIN_BLOCKS[dtype], TENSOR_CORES[dtype]
+    TILES[dtype], REGS[dtype], MIN_BLOCKS[dtype], TENSOR_CORES[dtype] = tile, reg, min_blocks, tensor_cores
     return previous
 
 
@@ -159,19 +175,83 @@ if cuda is not None:
                 dst[r, c] = value
 
     @cuda.jit(device=True)
-    def _tile_mma(acc, left, right, ty, tx):
-        """acc[i, j] += Σ_m left[ty + i·TY, m] · right[m, tx + j·TX] over the whole tile depth.
+    def _owned_row(i, tid, acc, tile, layout):
+        """The row of a tile × tile product that row i of thread tid's accumulator acc holds (the
+        layouts: _tile_mma)."""
+        if layout == 0:
+            stride = tile // acc.shape[0]
+            return _u32(tid // stride) + _u32(i * stride)
+        per_row = tile // min(32, tile)
+        return _u32(16 * ((tid // 32) // per_row)) + _u32((tid % 32) // 4) + _u32(8 * i)
 
-        left, right (TILE, TILE+1) in shared memory; acc (R, R) in registers. Each thread owns
-        rows ty, ty + TY, ... and columns tx, tx + TX, ... (strided, so a warp reads consecutive
-        columns of `right` and at most two rows of `left`: no bank conflicts with the +1 padding).
+    @cuda.jit(device=True)
+    def _owned_col(j, tid, acc, tile, layout):
+        """The column that column j of thread tid's accumulator acc holds."""
+        if layout == 0:
+            stride = tile // acc.shape[0]
+            return _u32(tid % stride) + _u32(j * stride)
+        width = min(32, tile)
+        per_row = tile // width
+        return _u32(width * ((tid // 32) % per_row)) + _u32(8 * (j // 2)) + _u32(2 * (tid % 4)) + _u32(j % 2)
+
+    @cuda.jit(device=True)
+    def _tile_mma(acc, left, right, tid, layout):
+        """acc += left · right over the whole tile depth, for the part of the tile thread tid owns.
+
+        left, right (TILE, TILE+1) in shared memory; acc in registers. Two layouts:
+
+        layout 0, float FMAs: the (TILE/R)² threads form a grid; thread (ty, tx) owns the R × R
+        elements at rows ty, ty + TILE/R, ... and columns tx, tx + TILE/R, ... (strided, so a warp
+        reads consecutive columns of `right` and at most two rows of `left`: no bank conflicts
+        with the +1 padding); acc is (R, R).
+        layout 1 (TF32) or 2 (3xTF32), tensor cores: each warp owns a 16-row, min(32, TILE)-column
+        part of the tile and computes it with mma_tf32 (m16n8k8), 8 columns at a time; its lane
+        4g + t owns rows g and g + 8 and, in each 8-column group, columns 2t and 2t + 1, so acc is
+        (2, 2 × groups): acc[i, 2n + p] is row g + 8i, column 8n + 2t + p of the warp's part.
         """
         TILE = left.shape[0]
+        if layout != 0:
+            _tile_mma_tensor_cores(acc, left, right, tid, layout)
+            return
+        stride = TILE // acc.shape[0]
+        ty = _u32(tid // stride)
+        tx = _u32(tid % stride)
         for m in range(0, TILE, 4):     # four steps per iteration, written out: less loop bookkeeping
             _mma_step(acc, left, right, ty, tx, _u32(m))
             _mma_step(acc, left, right, ty, tx, _u32(m + 1))
             _mma_step(acc, left, right, ty, tx, _u32(m + 2))
             _mma_step(acc, left, right, ty, tx, _u32(m + 3))
+
+    @cuda.jit(device=True)
+    def _tile_mma_tensor_cores(acc, left, right, tid, layout):
+        """_tile_mma on tensor cores: per 8 steps of depth, one A fragment (16 × 8 of left) and, per
+        8-column group, one B fragment (8 × 8 of right) and one mma (three for 3xTF32)."""
+        TILE = left.shape[0]
+        width = min(32, TILE)
+        per_row = TILE // width
+        warp = tid // 32
+        row0 = _u32(16 * (warp // per_row))
+        col0 = _u32(width * (warp % per_row))
+        g = _u32((tid % 32) // 4)
+        t = _u32(tid % 4)
+        for k in range(0, TILE, 8):
+            a0 = left[row0 + g, k + t]
+            a1 = left[row0 + g + 8, k + t]
+            a2 = left[row0 + g, k + t + 4]
+            a3 = left[row0 + g + 8, k + t + 4]
+            h0, h1, h2, h3 = tf32(a0), tf32(a1), tf32(a2), tf32(a3)
+            for n in range(acc.shape[1] // 2):
+                col = col0 + _u32(8 * n) + g
+                b0 = right[k + t, col]
+                b1 = right[k + t + 4, col]
+                hb0, hb1 = tf32(b0), tf32(b1)
+                d0, d1, d2, d3 = acc[0, 2 * n], acc[0, 2 * n + 1], acc[1, 2 * n], acc[1, 2 * n + 1]
+                if layout == 2:     # 3xTF32: the small cross terms first, then hi · hi
+                    d0, d1, d2, d3 = mma_tf32(tf32(a0 - h0), tf32(a1 - h1), tf32(a2 - h2), tf32(a3 - h3),
+                                              hb0, hb1, d0, d1, d2, d3)
+                    d0, d1, d2, d3 = mma_tf32(h0, h1, h2, h3, tf32(b0 - hb0), tf32(b1 - hb1), d0, d1, d2, d3)
+                d0, d1, d2, d3 = mma_tf32(h0, h1, h2, h3, hb0, hb1, d0, d1, d2, d3)
+                acc[0, 2 * n], acc[0, 2 * n + 1], acc[1, 2 * n], acc[1, 2 * n + 1] = d0, d1, d2, d3
 
     @cuda.jit(device=True)
     def _mma_step(acc, left, right, ty, tx, m):
@@ -212,18 +292,16 @@ if cuda is not None:
             s_gamma[row] = total
 
     @cuda.jit(device=True)
-    def _masked_scores(dst, acc, s_gamma, ty, tx, scale, transposed, zero):
+    def _masked_scores(dst, acc, s_gamma, tid, layout, scale, transposed, zero):
         """dst[row, col] = scale · exp(Γ_t − Γ_s) · acc where s ≤ t, else 0, for the register tile acc.
 
         Rows are t and columns s, or the other way round when transposed (dst then holds the
         transposed score matrix, rows s and columns t)."""
         TILE = dst.shape[0]
-        R = acc.shape[0]
-        stride = TILE // R
-        for i in range(R):
-            row = ty + _u32(i * stride)
-            for j in range(R):
-                col = tx + _u32(j * stride)
+        for i in range(acc.shape[0]):
+            row = _owned_row(i, tid, acc, TILE, layout)
+            for j in range(acc.shape[1]):
+                col = _owned_col(j, tid, acc, TILE, layout)
                 t = col if transposed else row
                 s = row if transposed else col
                 value = zero
@@ -245,17 +323,23 @@ def _numba_type(dtype):
 
 def _kernels(dtype):
     name = np.dtype(dtype).name
-    key = (name, TILES[name], REGS[name], MIN_BLOCKS[name])
+    key = (name, TILES[name], REGS[name], MIN_BLOCKS[name], TENSOR_CORES[name])
     if key not in _KERNELS:
-        _KERNELS[key] = _make_kernels(_numba_type(dtype), TILES[name], REGS[name], MIN_BLOCKS[name])
+        _KERNELS[key] = _make_kernels(_numba_type(dtype), TILES[name], REGS[name], MIN_BLOCKS[name],
+                                      LAYOUTS[TENSOR_CORES[name]])
     return _KERNELS[key]
 
 
-def _make_kernels(real, TILE, R, min_blocks):
+def _make_kernels(real, TILE, R, min_blocks, LAYOUT):
     PAD = TILE + 1
-    TX = TILE // R           # threads along a tile's columns (and rows)
+    if LAYOUT == 0:          # FMA tiles: a (TILE/R) × (TILE/R) grid of threads, R × R elements each
+        THREADS = (TILE // R) ** 2
+        AR, AC = R, R
+    else:                    # tensor cores: a warp per 16 × min(32, TILE) part (see _tile_mma)
+        THREADS = 32 * (TILE // 16) * (TILE // min(32, TILE))
+        AR, AC = 2, min(32, TILE) // 4
 
-    @_device.jit_kernel(TX * TX, min_blocks)
+    @_device.jit_kernel(THREADS, min_blocks)
     def outer_kernel(xsrc, ysrc, g, out, chunk_decay, T, Dx, Dy, fmap, decay_mode, from_start, scale):
         """out[b, h, c] (Dx × Dy) = Σ_s w_s φ(x_s)ᵀ y_s over chunk c, w_s = exp(Γ_end − Γ_s) for the
         state increment ΔS_c, or w_s = scale · exp(Γ_s) (from_start) for the gradient increment ΔG_c.
@@ -266,15 +350,13 @@ def _make_kernels(real, TILE, R, min_blocks):
         xt = cuda.blockIdx.y // n_ytiles
         yt = cuda.blockIdx.y % n_ytiles
         tid = cuda.threadIdx.x
-        ty = _u32(tid // TX)
-        tx = _u32(tid % TX)
         zero = real(0)
         one = real(1)
         s_x = cuda.shared.array((TILE, PAD), real)
         s_y = cuda.shared.array((TILE, PAD), real)
         s_gamma = cuda.shared.array(TILE, real)
         s_w = cuda.shared.array(TILE, real)
-        acc = cuda.local.array((R, R), real)
+        acc = cuda.local.array((AR, AC), real)
         _zero(acc, zero)
 
         t_first = chunk * TILE
@@ -289,36 +371,34 @@ def _make_kernels(real, TILE, R, min_blocks):
         _load_tile(s_x, xsrc, bh, t_first, T, xt * TILE, Dx, True, fmap, s_w, False, one)
         _load_tile(s_y, ysrc, bh, t_first, T, yt * TILE, Dy, False, -1, s_w, True, one)
         cuda.syncthreads()
-        _tile_mma(acc, s_x, s_y, ty, tx)
+        _tile_mma(acc, s_x, s_y, tid, LAYOUT)
 
         heads = out.shape[1]
         b = bh // heads
         h = bh % heads
-        for i in range(R):
-            row = xt * TILE + ty + i * TX
-            for j in range(R):
-                col = yt * TILE + tx + j * TX
+        for i in range(AR):
+            row = xt * TILE + _owned_row(i, tid, acc, TILE, LAYOUT)
+            for j in range(AC):
+                col = yt * TILE + _owned_col(j, tid, acc, TILE, LAYOUT)
                 if row < Dx and col < Dy:
                     out[b, h, chunk * Dx + row, col] = acc[i, j]
         if cuda.blockIdx.y == 0 and tid == 0:
             chunk_decay[b, h, chunk] = s_gamma[TILE - 1]
 
-    @_device.jit_kernel(TX * TX, min_blocks)
+    @_device.jit_kernel(THREADS, min_blocks)
     def output_kernel(q, k, v, g, states, out, T, Dk, Dv, fmap, decay_mode, scale):
         """out_t = scale (exp(Γ_t) φ(q_t) S_c + Σ_{s ≤ t} exp(Γ_t − Γ_s)(φ(q_t)·φ(k_s)) v_s), one Dv tile."""
         chunk = cuda.blockIdx.x
         vt = cuda.blockIdx.y
         bh = cuda.blockIdx.z
         tid = cuda.threadIdx.x
-        ty = _u32(tid // TX)
-        tx = _u32(tid % TX)
         zero = real(0)
         one = real(1)
         s_1 = cuda.shared.array((TILE, PAD), real)
         s_2 = cuda.shared.array((TILE, PAD), real)
         s_gamma = cuda.shared.array(TILE, real)
-        acc_o = cuda.local.array((R, R), real)
-        acc_a = cuda.local.array((R, R), real)
+        acc_o = cuda.local.array((AR, AC), real)
+        acc_a = cuda.local.array((AR, AC), real)
         _zero(acc_o, zero)
         _zero(acc_a, zero)
 
@@ -329,29 +409,28 @@ def _make_kernels(real, TILE, R, min_blocks):
             _load_tile(s_2, states, bh, chunk * Dk + kt, chunk * Dk + Dk, vt * TILE, Dv, False, -1,
                        s_gamma, False, one)
             cuda.syncthreads()
-            _tile_mma(acc_o, s_1, s_2, ty, tx)                 # φ(Q) S_c
+            _tile_mma(acc_o, s_1, s_2, tid, LAYOUT)                 # φ(Q) S_c
             cuda.syncthreads()
             _load_tile(s_2, k, bh, t_first, T, kt, Dk, True, fmap, s_gamma, False, one)
             cuda.syncthreads()
-            _tile_mma(acc_a, s_1, s_2, ty, tx)                 # φ(Q) φ(K)ᵀ
+            _tile_mma(acc_a, s_1, s_2, tid, LAYOUT)                 # φ(Q) φ(K)ᵀ
             cuda.syncthreads()
-        _masked_scores(s_1, acc_a, s_gamma, ty, tx, scale, False, zero)
+        _masked_scores(s_1, acc_a, s_gamma, tid, LAYOUT, scale, False, zero)
         _load_tile(s_2, v, bh, t_first, T, vt * TILE, Dv, False, -1, s_gamma, False, one)
-        for i in range(R):
-            row = ty + _u32(i * TX)
-            weight = scale * math.exp(s_gamma[row])
-            for j in range(R):
+        for i in range(AR):
+            weight = scale * math.exp(s_gamma[_owned_row(i, tid, acc_o, TILE, LAYOUT)])
+            for j in range(AC):
                 acc_o[i, j] = weight * acc_o[i, j]
         cuda.syncthreads()
-        _tile_mma(acc_o, s_1, s_2, ty, tx)                     # + (A ⊙ M) V
+        _tile_mma(acc_o, s_1, s_2, tid, LAYOUT)                     # + (A ⊙ M) V
 
         heads = out.shape[1]
         b = bh // heads
         h = bh % heads
-        for i in range(R):
-            t = t_first + ty + i * TX
-            for j in range(R):
-                col = vt * TILE + tx + j * TX
+        for i in range(AR):
+            t = t_first + _owned_row(i, tid, acc_o, TILE, LAYOUT)
+            for j in range(AC):
+                col = vt * TILE + _owned_col(j, tid, acc_o, TILE, LAYOUT)
                 if t < T and col < Dv:
                     out[b, h, t, col] = acc_o[i, j]
 
@@ -390,23 +469,21 @@ def _make_kernels(real, TILE, R, min_blocks):
             if not reverse:
                 final[b, h, e] = running
 
-    @_device.jit_kernel(TX * TX, min_blocks)
+    @_device.jit_kernel(THREADS, min_blocks)
     def dq_kernel(q, k, v, do, g, states, dq, dgamma, T, Dk, Dv, fmap, decay_mode, scale):
         """dq for one Dk tile: dφ(Q) = (dP ⊙ M) φ(K) + scale exp(Γ) dO S_cᵀ, dq = dφ(Q) ⊙ φ'(q)."""
         chunk = cuda.blockIdx.x
         kt = cuda.blockIdx.y * TILE
         bh = cuda.blockIdx.z
         tid = cuda.threadIdx.x
-        ty = _u32(tid // TX)
-        tx = _u32(tid % TX)
         zero = real(0)
         one = real(1)
         s_1 = cuda.shared.array((TILE, PAD), real)
         s_2 = cuda.shared.array((TILE, PAD), real)
         s_gamma = cuda.shared.array(TILE, real)
         s_db = cuda.shared.array(TILE, real)
-        acc = cuda.local.array((R, R), real)
-        acc_q = cuda.local.array((R, R), real)
+        acc = cuda.local.array((AR, AC), real)
+        acc_q = cuda.local.array((AR, AC), real)
         _zero(acc, zero)
         _zero(acc_q, zero)
         t_first = chunk * TILE
@@ -418,12 +495,12 @@ def _make_kernels(real, TILE, R, min_blocks):
             _load_tile(s_1, do, bh, t_first, T, vt, Dv, False, -1, s_gamma, False, one)
             _load_tile(s_2, v, bh, t_first, T, vt, Dv, True, -1, s_gamma, False, one)
             cuda.syncthreads()
-            _tile_mma(acc, s_1, s_2, ty, tx)
+            _tile_mma(acc, s_1, s_2, tid, LAYOUT)
             cuda.syncthreads()
-        _masked_scores(s_1, acc, s_gamma, ty, tx, scale, False, zero)      # dP
+        _masked_scores(s_1, acc, s_gamma, tid, LAYOUT, scale, False, zero)      # dP
         _load_tile(s_2, k, bh, t_first, T, kt, Dk, False, fmap, s_gamma, False, one)
         cuda.syncthreads()
-        _tile_mma(acc_q, s_1, s_2, ty, tx)                   # dP φ(K)
+        _tile_mma(acc_q, s_1, s_2, tid, LAYOUT)                   # dP φ(K)
         _zero(acc, zero)
         for vt in range(0, Dv, TILE):                        # dO S_cᵀ
             cuda.syncthreads()
@@ -431,27 +508,25 @@ def _make_kernels(real, TILE, R, min_blocks):
             _load_tile(s_2, states, bh, chunk * Dk + kt, chunk * Dk + Dk, vt, Dv, True, -1,
                        s_gamma, False, one)
             cuda.syncthreads()
-            _tile_mma(acc, s_1, s_2, ty, tx)
+            _tile_mma(acc, s_1, s_2, tid, LAYOUT)
         _finish_key_grad(q, dq, dgamma, acc_q, acc, s_gamma, s_db, bh, t_first, kt, T, Dk, fmap,
-                         decay_mode, ty, tx, one, False, scale)
+                         decay_mode, tid, LAYOUT, one, False, scale)
 
-    @_device.jit_kernel(TX * TX, min_blocks)
+    @_device.jit_kernel(THREADS, min_blocks)
     def dk_kernel(q, k, v, do, g, grads, dk, dgamma, T, Dk, Dv, fmap, decay_mode, scale):
         """dk for one Dk tile: dφ(K) = (dP ⊙ M)ᵀ φ(Q) + exp(Γ_end − Γ) V G_cᵀ, dk = dφ(K) ⊙ φ'(k)."""
         chunk = cuda.blockIdx.x
         kt = cuda.blockIdx.y * TILE
         bh = cuda.blockIdx.z
         tid = cuda.threadIdx.x
-        ty = _u32(tid // TX)
-        tx = _u32(tid % TX)
         zero = real(0)
         one = real(1)
         s_1 = cuda.shared.array((TILE, PAD), real)
         s_2 = cuda.shared.array((TILE, PAD), real)
         s_gamma = cuda.shared.array(TILE, real)
         s_db = cuda.shared.array(TILE, real)
-        acc = cuda.local.array((R, R), real)
-        acc_k = cuda.local.array((R, R), real)
+        acc = cuda.local.array((AR, AC), real)
+        acc_k = cuda.local.array((AR, AC), real)
         _zero(acc, zero)
         _zero(acc_k, zero)
         t_first = chunk * TILE
@@ -463,12 +538,12 @@ def _make_kernels(real, TILE, R, min_blocks):
             _load_tile(s_1, v, bh, t_first, T, vt, Dv, False, -1, s_gamma, False, one)
             _load_tile(s_2, do, bh, t_first, T, vt, Dv, True, -1, s_gamma, False, one)
             cuda.syncthreads()
-            _tile_mma(acc, s_1, s_2, ty, tx)
+            _tile_mma(acc, s_1, s_2, tid, LAYOUT)
             cuda.syncthreads()
-        _masked_scores(s_1, acc, s_gamma, ty, tx, scale, True, zero)       # dPᵀ
+        _masked_scores(s_1, acc, s_gamma, tid, LAYOUT, scale, True, zero)       # dPᵀ
         _load_tile(s_2, q, bh, t_first, T, kt, Dk, False, fmap, s_gamma, False, one)
         cuda.syncthreads()
-        _tile_mma(acc_k, s_1, s_2, ty, tx)                   # dPᵀ φ(Q)
+        _tile_mma(acc_k, s_1, s_2, tid, LAYOUT)                   # dPᵀ φ(Q)
         _zero(acc, zero)
         for vt in range(0, Dv, TILE):                        # V G_cᵀ
             cuda.syncthreads()
@@ -476,26 +551,24 @@ def _make_kernels(real, TILE, R, min_blocks):
             _load_tile(s_2, grads, bh, chunk * Dk + kt, chunk * Dk + Dk, vt, Dv, True, -1,
                        s_gamma, False, one)
             cuda.syncthreads()
-            _tile_mma(acc, s_1, s_2, ty, tx)
+            _tile_mma(acc, s_1, s_2, tid, LAYOUT)
         _finish_key_grad(k, dk, dgamma, acc_k, acc, s_gamma, s_db, bh, t_first, kt, T, Dk, fmap,
-                         decay_mode, ty, tx, one, True, scale)
+                         decay_mode, tid, LAYOUT, one, True, scale)
 
-    @_device.jit_kernel(TX * TX, min_blocks)
+    @_device.jit_kernel(THREADS, min_blocks)
     def dv_kernel(q, k, do, g, grads, dv, T, Dk, Dv, fmap, decay_mode, scale):
         """dv for one Dv tile: dV = (A ⊙ M)ᵀ dO + exp(Γ_end − Γ) φ(K) G_c."""
         chunk = cuda.blockIdx.x
         vt = cuda.blockIdx.y * TILE
         bh = cuda.blockIdx.z
         tid = cuda.threadIdx.x
-        ty = _u32(tid // TX)
-        tx = _u32(tid % TX)
         zero = real(0)
         one = real(1)
         s_1 = cuda.shared.array((TILE, PAD), real)
         s_2 = cuda.shared.array((TILE, PAD), real)
         s_gamma = cuda.shared.array(TILE, real)
-        acc = cuda.local.array((R, R), real)
-        acc_v = cuda.local.array((R, R), real)
+        acc = cuda.local.array((AR, AC), real)
+        acc_v = cuda.local.array((AR, AC), real)
         _zero(acc, zero)
         _zero(acc_v, zero)
         t_first = chunk * TILE
@@ -505,12 +578,12 @@ def _make_kernels(real, TILE, R, min_blocks):
             _load_tile(s_1, k, bh, t_first, T, kt, Dk, False, fmap, s_gamma, False, one)
             _load_tile(s_2, q, bh, t_first, T, kt, Dk, True, fmap, s_gamma, False, one)
             cuda.syncthreads()
-            _tile_mma(acc, s_1, s_2, ty, tx)
+            _tile_mma(acc, s_1, s_2, tid, LAYOUT)
             cuda.syncthreads()
-        _masked_scores(s_1, acc, s_gamma, ty, tx, scale, True, zero)
+        _masked_scores(s_1, acc, s_gamma, tid, LAYOUT, scale, True, zero)
         _load_tile(s_2, do, bh, t_first, T, vt, Dv, False, -1, s_gamma, False, one)
         cuda.syncthreads()
-        _tile_mma(acc_v, s_1, s_2, ty, tx)                   # Aᵀ dO
+        _tile_mma(acc_v, s_1, s_2, tid, LAYOUT)                   # Aᵀ dO
         _zero(acc, zero)
         for kt in range(0, Dk, TILE):                        # φ(K) G_c
             cuda.syncthreads()
@@ -518,17 +591,17 @@ def _make_kernels(real, TILE, R, min_blocks):
             _load_tile(s_2, grads, bh, chunk * Dk + kt, chunk * Dk + Dk, vt, Dv, False, -1,
                        s_gamma, False, one)
             cuda.syncthreads()
-            _tile_mma(acc, s_1, s_2, ty, tx)
+            _tile_mma(acc, s_1, s_2, tid, LAYOUT)
 
         heads = dv.shape[1]
         b = bh // heads
         h = bh % heads
-        for i in range(R):
-            row = ty + _u32(i * TX)
+        for i in range(AR):
+            row = _owned_row(i, tid, acc, TILE, LAYOUT)
             weight = math.exp(s_gamma[TILE - 1] - s_gamma[row])
             t = t_first + row
-            for j in range(R):
-                col = vt + tx + j * TX
+            for j in range(AC):
+                col = vt + _owned_col(j, tid, acc, TILE, LAYOUT)
                 if t < T and col < Dv:
                     dv[b, h, t, col] = acc_v[i, j] + weight * acc[i, j]
 
@@ -581,31 +654,29 @@ def _make_kernels(real, TILE, R, min_blocks):
 
     return {"outer": outer_kernel, "output": output_kernel, "scan": chunk_scan_kernel,
             "dq": dq_kernel, "dk": dk_kernel, "dv": dv_kernel, "decay_grad": decay_grad_kernel,
-            "threads": TX * TX}
+            "threads": THREADS}
 
 
 if cuda is not None:
     @cuda.jit(device=True)
     def _finish_key_grad(x, dx, dgamma, acc_local, acc_state, s_gamma, s_db, bh, t_first, col0, T, Dk,
-                         fmap, decay_mode, ty, tx, one, is_key, scale):
+                         fmap, decay_mode, tid, layout, one, is_key, scale):
         """dφ(x) = acc_local + w_t acc_state with w_t = scale exp(Γ_t) (queries) or exp(Γ_end − Γ_t)
         (keys); dx = dφ(x) ⊙ φ'(x). With a decay, adds ±φ(x_t)·dφ(x_t) into dgamma[b, h, t]."""
         TILE = s_gamma.shape[0]
-        R = acc_local.shape[0]
-        stride = TILE // R
         heads = dx.shape[1]
         b = bh // heads
         h = bh % heads
-        for i in range(R):
-            row = ty + _u32(i * stride)
+        for i in range(acc_local.shape[0]):
+            row = _owned_row(i, tid, acc_local, TILE, layout)
             t = t_first + row
             if is_key:
                 weight = math.exp(s_gamma[TILE - 1] - s_gamma[row])
             else:
                 weight = scale * math.exp(s_gamma[row])
             dot = one - one
-            for j in range(R):
-                col = col0 + tx + j * stride
+            for j in range(acc_local.shape[1]):
+                col = col0 + _owned_col(j, tid, acc_local, TILE, layout)
                 if t < T and col < Dk:
                     dphi = acc_local[i, j] + weight * acc_state[i, j]
                     value = x[b, h, t, col]
