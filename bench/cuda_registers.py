@@ -77,7 +77,7 @@ def find_ptxas():
 
 def compile_resources(kernel, signature, cc, ptxas, launch_bounds=None):
     """{registers, spill_store_bytes, spill_load_bytes, stack_bytes, shared_bytes, error} of one
-    kernel, and its machine code's cas_loops and shuffles (None without cuobjdump)."""
+    kernel, and its machine code's SASS_COUNTS (None without cuobjdump)."""
     from numba import cuda
     ptx, _ = cuda.compile_ptx(kernel.py_func, signature, cc=cc, launch_bounds=launch_bounds)
     with tempfile.TemporaryDirectory() as folder:
@@ -86,7 +86,7 @@ def compile_resources(kernel, signature, cc, ptxas, launch_bounds=None):
             f.write(ptx)
         done = subprocess.run([ptxas, "-v", "--gpu-name", f"sm_{cc[0]}{cc[1]}", source, "-o", binary],
                               capture_output=True, text=True)
-        counts = machine_code_counts(binary) if done.returncode == 0 else {"cas_loops": None, "shuffles": None}
+        counts = machine_code_counts(binary) if done.returncode == 0 else dict.fromkeys(SASS_COUNTS)
     report = done.stderr
 
     def number(pattern):
@@ -102,17 +102,24 @@ def compile_resources(kernel, signature, cc, ptxas, launch_bounds=None):
             **counts}
 
 
+# What machine_code_counts counts in the SASS (static instructions, not executions)
+SASS_COUNTS = {"cas_loops": r"ATOMS\.CAST\.SPIN",   # compare-and-swap loops: float atomic adds on shared memory
+               "shuffles": r"\bSHFL\.",              # warp shuffles
+               "tensor_mma": r"\bHMMA\.",            # tensor-core matrix multiply-adds
+               "ffma": r"\bFFMA\b"}                  # float32 fused multiply-adds
+
+
 def machine_code_counts(cubin):
-    """Compare-and-swap loops (ATOMS.CAST.SPIN) and warp shuffles (SHFL) in a cubin's SASS; None for
-    both where cuobjdump, or the nvdisasm it runs, is missing."""
+    """The SASS_COUNTS of a cubin's machine code; None for each where cuobjdump, or the nvdisasm it
+    runs, is missing."""
     cuobjdump, nvdisasm = find_tool("cuobjdump"), find_tool("nvdisasm")
     if cuobjdump is None or nvdisasm is None:
-        return {"cas_loops": None, "shuffles": None}
+        return dict.fromkeys(SASS_COUNTS)
     path = os.path.dirname(nvdisasm) + os.pathsep + os.environ.get("PATH", "")
     done = subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True, env=dict(os.environ, PATH=path))
     if done.returncode != 0:
-        return {"cas_loops": None, "shuffles": None}
-    return {"cas_loops": done.stdout.count("ATOMS.CAST.SPIN"), "shuffles": len(re.findall(r"\bSHFL\.", done.stdout))}
+        return dict.fromkeys(SASS_COUNTS)
+    return {name: len(re.findall(pattern, done.stdout)) for name, pattern in SASS_COUNTS.items()}
 
 
 def occupancy(threads, registers, shared_bytes, cc):
@@ -180,11 +187,14 @@ def rows_for_linear_attention(cc, ptxas):
     from numba import float32
     from minilm.kernels.cuda import linear_attention as la
     rows = []
-    for tile, reg, min_blocks in gpu_check.LA_SWEEP:
-        kernels = la._make_kernels(float32, tile, reg, min_blocks)
+    # the swept configurations, and the FMA variants an earlier sweep timed (docs/kernels.md)
+    configs = gpu_check.LA_SWEEP + [(64, 4, 0, "off"), (64, 8, 0, "off"), (32, 4, 0, "off")]
+    for tile, reg, min_blocks, tensor_cores in configs:
+        kernels = la._make_kernels(float32, tile, reg, min_blocks, la.LAYOUTS[tensor_cores])
         bounds = (kernels["threads"], min_blocks) if min_blocks else None
+        config = f"tile={tile} reg={reg}" if tensor_cores == "off" else f"tile={tile} {tensor_cores}"
         for name, signature in la_signatures().items():
-            rows.append(dict(kernel=f"linear attention {name}", config=f"tile={tile} reg={reg}",
+            rows.append(dict(kernel=f"linear attention {name}", config=config,
                              threads=kernels["threads"], launch_bounds=str(bounds) if bounds else "-",
                              **compile_resources(kernels[name], signature, cc, ptxas, bounds)))
     return rows
@@ -236,17 +246,17 @@ def main():
         if row["error"]:          # e.g. more than the 48 KiB of static shared memory a kernel may have
             row["blocks_per_sm"], row["warps_per_sm"], row["limited_by"] = 0, 0, "does not build"
     columns = ["kernel", "config", "threads", "launch bounds", "registers", "spill st/ld B", "stack B",
-               "shared KiB", "blocks/SM", "warps/SM", "limited by", "CAS loops", "shuffles"]
+               "shared KiB", "blocks/SM", "warps/SM", "limited by", "CAS loops", "shuffles", "HMMA", "FFMA"]
     table = [[row["kernel"], row["config"], row["threads"], row["launch_bounds"], row["registers"],
               f"{row['spill_store_bytes']}/{row['spill_load_bytes']}", row["stack_bytes"], row["shared_bytes"] / 1024,
               row["blocks_per_sm"], row["warps_per_sm"], row["limited_by"],
-              "-" if row["cas_loops"] is None else row["cas_loops"],
-              "-" if row["shuffles"] is None else row["shuffles"]] for row in rows]
+              *("-" if row[name] is None else row[name] for name in SASS_COUNTS)] for row in rows]
     print(format_table(f"numba.cuda kernels for sm_{cc[0]}{cc[1]} (ptxas {ptxas})", columns, table,
                        notes=[f"per multiprocessor: {REGISTERS_PER_SM} registers, {THREADS_PER_SM} threads, "
                               f"{shared_per_sm(cc) // 1024} KiB shared memory",
                               "CAS loops: float atomic adds on shared memory (ATOMS.CAST.SPIN in the SASS; "
-                              "'-': no cuobjdump/nvdisasm)"]))
+                              "'-': no cuobjdump/nvdisasm); shuffles, HMMA (tensor cores), FFMA: instructions "
+                              "in the machine code, not executions"]))
     os.makedirs(args.out, exist_ok=True)
     write_csv(os.path.join(args.out, "registers.csv"), rows)
     with open(os.path.join(args.out, "registers.json"), "w") as f:

@@ -24,8 +24,9 @@ written after every section (results.json, timings.csv, summary.csv in --out):
      the device, pooled results against unpooled ones, timings;
   5. where the host time of a call goes (cProfile, the costliest functions per call);
   6. the peers (.whl/peers.py: copy bandwidth, fla chunk_linear_attn, mambapy pscan) in a subprocess;
-  7. while time allows (--sweep-until), a sweep of the scan's block shapes and the linear-attention
-     tiles (--sweeps), each entry's output and gradients checked against the default's;
+  7. while time allows (--sweep-until), a sweep of the linear-attention tiles (float FMAs or tensor
+     cores) and of the scan's block shapes (--sweeps), each entry's output and gradients checked
+     against the default's;
   8. one table, printed last, of our figures, the peers' and the ratios against the targets (time
      growth with L included), with the fastest entries of the sweeps.
 
@@ -651,8 +652,10 @@ SWEEP = [  # scan block shapes, most promising first (chunk = segments x steps, 
     dict(fwd_segments=2, fwd_steps=32, fwd_min_blocks=8),                          # 128 threads, 1 round
     dict(channels=4, fwd_min_blocks=8, bwd_min_blocks=4),                          # 1536 blocks of 128
 ]
-LA_SWEEP = [  # linear attention: (tile = chunk, register tile, launch bounds: blocks per SM or 0)
-    (64, 4, 3), (64, 4, 0), (64, 8, 0), (32, 4, 0)]
+LA_SWEEP = [  # linear attention: (tile = chunk, register tile, launch bounds: blocks per SM or 0,
+              # tile products on float FMAs or tensor cores: off | 3xtf32 | tf32). FMA variants
+              # measured before (docs/kernels.md): launch bounds off, 8 x 8 register tiles, tile 32
+    (64, 4, 3, "off"), (64, 4, 3, "3xtf32"), (64, 4, 3, "tf32"), (64, 4, 0, "3xtf32"), (32, 4, 0, "3xtf32")]
 
 
 def run_sweep(results, op, entries, configure, restore, forward, backward, L, until_s):
@@ -709,13 +712,14 @@ def section_la_sweep(results, smoke, until_s):
     B, H, T, d = (1, 2, 64, 8) if smoke else (2, 16, 16384, 64)
     (q, k, v), _, do = la_inputs(B, H, T, d, d, np.float32, 23)
     q, k, v, do = (cuda.to_device(x) for x in (q, k, v, do))
-    default = la.TILES["float32"], la.REGS["float32"], la.MIN_BLOCKS["float32"]
+    default = la.TILES["float32"], la.REGS["float32"], la.MIN_BLOCKS["float32"], la.TENSOR_CORES["float32"]
 
     def configure(entry):
         la.set_tile("float32", *entry)
-        return "tile={} reg={} min_blocks={}".format(*entry)
+        return "tile={} reg={} min_blocks={} tensor_cores={}".format(*entry)
 
-    run_sweep(results, "linear_attn sweep fwd", LA_SWEEP if not smoke else [(8, 4, 3), (8, 2, 0)], configure,
+    entries = LA_SWEEP if not smoke else [(8, 4, 3, "off"), (8, 2, 0, "off")]
+    run_sweep(results, "linear_attn sweep fwd", entries, configure,
               lambda: la.set_tile("float32", *default), lambda: la.forward(q, k, v),
               lambda cache: la.backward(do, cache), T, until_s)
 
@@ -912,8 +916,8 @@ def main():
     parser.add_argument("--no-peers", action="store_true", help="skip running .whl/peers.py")
     parser.add_argument("--peers-timeout", type=int, default=150)
     parser.add_argument("--sweep-until", type=int, default=420,
-                        help="seconds into the run after which the scan sweep starts no new entry "
-                             "(the linear-attention sweep: 60 s later)")
+                        help="seconds into the run after which the linear-attention sweep starts no new "
+                             "entry (the scan sweep, which runs after it: 40 s later)")
     args = parser.parse_args()
 
     if args.smoke:
@@ -937,10 +941,10 @@ def main():
     if not args.no_peers:
         results.section("peers", section_peers, args.smoke, args.peers_timeout)
     sweeps = args.sweeps.split(",")
-    if "scan" in sweeps:
-        results.section("scan block-shape sweep", section_sweep, args.smoke, args.sweep_until)
     if "la" in sweeps:
-        results.section("linear attention tile sweep", section_la_sweep, args.smoke, args.sweep_until + 60)
+        results.section("linear attention tile sweep", section_la_sweep, args.smoke, args.sweep_until)
+    if "scan" in sweeps:
+        results.section("scan block-shape sweep", section_sweep, args.smoke, args.sweep_until + 40)
     results.section("summary", section_summary)
     ok = all(c["passed"] for c in results.data["correctness"]) and not results.data["errors"]
     sys.exit(0 if ok else 1)

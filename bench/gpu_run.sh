@@ -27,13 +27,13 @@ export PYTHONUNBUFFERED=1 NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS=0
 mkdir -p "$out"
 
 if [[ -z "${SMOKE:-}" ]]; then
-    timeout 45 python3 bench/tensor_core_probe.py > "$out/tensor_core_probe.log" 2>&1
+    timeout 40 python3 bench/tensor_core_probe.py > "$out/tensor_core_probe.log" 2>&1
     echo "tensor_core_probe: exit status $?"
 fi
-timeout 400 python3 bench/gpu_check.py "${smoke[@]}" --out "$out/gpu" --peers-timeout 120 --sweep-until 310 \
+timeout 430 python3 bench/gpu_check.py "${smoke[@]}" --out "$out/gpu" --peers-timeout 120 --sweep-until 320 \
     > "$out/gpu_check.log" 2>&1
 echo "gpu_check: exit status $?"
-timeout 120 python3 bench/gpu_scaling.py "${smoke[@]}" --out "$out/scaling" --no-peers --numpy-max-L 0 \
+timeout 100 python3 bench/gpu_scaling.py "${smoke[@]}" --out "$out/scaling" --no-peers --numpy-max-L 0 \
     --cpu-max-L 4096 > "$out/scaling.log" 2>&1
 echo "gpu_scaling: exit status $?"
 cat "$out/tensor_core_probe.log" 2>/dev/null

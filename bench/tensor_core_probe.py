@@ -1,16 +1,7 @@
 """Can numba.cuda use tensor cores? One warp multiplies a 16 x 8 by an 8 x 8 float32 matrix with the
-TF32 mma instruction, reached from Python through llvmlite inline PTX.
-
-numba.cuda has no API for warp-level matrix instructions, but an @intrinsic can emit any PTX:
-
-    tf32(x)                            cvt.rna.tf32.f32: x rounded to TF32 (10 mantissa bits), a float32
-    mma_tf32(a0..a3, b0, b1, c0..c3)   mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32: D = A B + C
-
-Which lane holds which element (PTX ISA, matrix fragments for mma.m16n8k8 with .tf32; lane = 4 g + t):
-
-    A (16 x 8):  a0 = A[g, t]   a1 = A[g+8, t]   a2 = A[g, t+4]   a3 = A[g+8, t+4]
-    B (8 x 8):   b0 = B[t, g]   b1 = B[t+4, g]
-    C, D:        c0 = C[g, 2t]  c1 = C[g, 2t+1]  c2 = C[g+8, 2t]  c3 = C[g+8, 2t+1]
+TF32 mma instruction, through the inline-PTX intrinsics of minilm/kernels/cuda/_tensor_cores.py
+(tf32, mma_tf32; the fragment layout is in that module's docstring), which the linear-attention
+kernels use with TENSOR_CORES set. This checks the instruction and the layout on their own.
 
 Two products: plain TF32 (each input rounded to 10 mantissa bits, relative error ~1e-3, what fla's
 fp32 tiles get from Triton's default) and 3xTF32 (x = hi + lo with hi = tf32(x), lo = tf32(x - hi);
@@ -31,38 +22,16 @@ import tempfile
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
+sys.path.insert(0, HERE)                         # cuda_registers (find_tool)
+sys.path.insert(0, os.path.dirname(HERE))        # minilm, from the working tree
 
 TOLERANCE = {"tf32": 5e-3, "3xtf32": 1e-5}     # max |error| / max |A B| over the 16 x 8 product
 
 
 def build():
-    """The intrinsics and the two probe kernels (numba-cuda imported here: not at module import)."""
-    from llvmlite import ir
-    from numba import cuda, types
-    from numba.cuda.extending import intrinsic
-
-    @intrinsic
-    def tf32(typingctx, x):
-        def codegen(context, builder, signature, args):
-            asm = ir.InlineAsm(ir.FunctionType(ir.IntType(32), [ir.FloatType()]), "cvt.rna.tf32.f32 $0, $1;", "=r,f")
-            return builder.bitcast(builder.call(asm, args), ir.FloatType())
-        return types.float32(types.float32), codegen
-
-    four = types.UniTuple(types.float32, 4)
-
-    @intrinsic
-    def mma_tf32(typingctx, a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
-        def codegen(context, builder, signature, args):
-            result = ir.LiteralStructType([ir.FloatType()] * 4)
-            asm = ir.InlineAsm(ir.FunctionType(result, [ir.IntType(32)] * 6 + [ir.FloatType()] * 4),
-                               "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "
-                               "{$0,$1,$2,$3}, {$4,$5,$6,$7}, {$8,$9}, {$10,$11,$12,$13};",
-                               "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f")
-            operands = [builder.bitcast(x, ir.IntType(32)) for x in args[:6]] + list(args[6:])
-            d = builder.call(asm, operands)
-            return context.make_tuple(builder, four, [builder.extract_value(d, i) for i in range(4)])
-        return four(*([types.float32] * 10)), codegen
+    """The two probe kernels, on minilm's intrinsics (numba.cuda imported here, not at module import)."""
+    from numba import cuda
+    from minilm.kernels.cuda._tensor_cores import mma_tf32, tf32
 
     @cuda.jit
     def product_tf32(A, B, C):
