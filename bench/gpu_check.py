@@ -878,6 +878,17 @@ def section_summary(results):
         add(f"linear attn fwd+bwd L={best_la_both['L']}, best of sweep: ours / fla (ms)", best_la_both["fwdbwd_ms"],
             peer, best_la_both["fwdbwd_ms"] / peer if peer else None, TARGETS["la_fwdbwd_over_fla"], "lower",
             "measured" if ("fla_fwdbwd", best_la_both["L"]) in measured else "recorded H100")
+    # tensor-core tiles on their own: 3xTF32 (float32 accuracy), and TF32, the precision of fla's fp32 tiles
+    for mode, tolerance in (("3xtf32", 1e-4), ("tf32", 2e-2)):
+        entries = [row for row in results.data["sweep"] if row["op"] == "linear_attn sweep fwd"
+                   and row["shape"].endswith(f"tensor_cores={mode}") and row["rel_error_vs_default"] <= tolerance]
+        for key, peer_name, target in (("ms", "fla_fwd", "la_fwd_over_fla"), ("fwdbwd_ms", "fla_fwdbwd", "la_fwdbwd_over_fla")):
+            row = min(entries, key=lambda entry: entry[key], default=None)
+            if row:
+                peer = figures.get((peer_name, row["L"]))
+                add(f"linear attn {'fwd' if key == 'ms' else 'fwd+bwd'} L={row['L']}, {mode} tiles: ours / fla (ms)",
+                    row[key], peer, row[key] / peer if peer else None, TARGETS[target], "lower",
+                    "measured" if (peer_name, row["L"]) in measured else "recorded H100")
     results.data["summary"] = rows
     results.data["best_of_sweep"] = {"scan forward": best_scan and best_scan["shape"],
                                      "scan forward+backward": best_both and best_both["shape"],
