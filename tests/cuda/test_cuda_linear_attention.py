@@ -115,6 +115,21 @@ def test_tensor_cores_match_reference(mode, tile, B, H, T, Dk, Dv, seed, options
         assert errors["out"] > 1e-6, errors
 
 
+def test_simulated_tf32_rounds_to_nearest_ties_away():
+    """tf32 keeps 10 mantissa bits: 1 + 2^-11 (a tie) goes up to 1 + 2^-10, 1 + 2^-12 down to 1,
+    signs symmetric (cvt.rna); values already in TF32 stay."""
+    if not _device.simulator_enabled():
+        pytest.skip("on a GPU tf32 is the hardware instruction (bench/tensor_core_probe.py)")
+    from minilm.kernels.cuda._tensor_cores import tf32
+    f = np.float32
+    assert tf32(f(1 + 2.0 ** -11)) == f(1 + 2.0 ** -10)
+    assert tf32(f(-(1 + 2.0 ** -11))) == f(-(1 + 2.0 ** -10))
+    assert tf32(f(1 + 2.0 ** -12)) == f(1.0)
+    assert tf32(f(1 + 3 * 2.0 ** -12)) == f(1 + 2.0 ** -10)
+    for x in (0.0, 1.0, -2.5, 1 + 2.0 ** -10, 2.0 ** -100, 3 * 2.0 ** 60):
+        assert tf32(f(x)) == f(x)
+
+
 @pytest.mark.parametrize("tile", [16, 32, 64])
 def test_tensor_core_tiles_are_owned_once(tile):
     """On tensor cores, the threads' accumulators cover the tile × tile product exactly once (at
