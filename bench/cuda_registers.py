@@ -6,9 +6,10 @@ bytes and shared memory per block. From those follow the blocks, and warps, that
 multiprocessor: the occupancy, which decides how much memory and instruction latency the other
 warps can hide. A kernel that walks a long sequence chunk by chunk, as the scan does, lives on it.
 
-Where cuobjdump and nvdisasm are at hand, the machine code (SASS) is read too, for two counts:
+Where cuobjdump and nvdisasm are at hand, the machine code (SASS) is read too, for SASS_COUNTS:
 compare-and-swap loops (ATOMS.CAST.SPIN: a float atomic add on shared memory compiles to one, and
-it goes round once more for every lane of the warp that hits the same address) and warp shuffles.
+it goes round once more for every lane of the warp that hits the same address), warp shuffles,
+tensor-core HMMA and float32 FFMA instructions.
 
     pip install numba-cuda nvidia-cuda-nvcc-cu12 nvidia-cuda-nvrtc-cu12    # the compilers, no driver needed
     pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm                   # optional: the SASS counts
