@@ -83,9 +83,9 @@ def _build_simulated():
     d_rows = np.stack([g, g, g + 8, g + 8], axis=1)
     d_cols = np.stack([2 * t, 2 * t + 1, 2 * t, 2 * t + 1], axis=1)
 
-    # A barrier and a table per warp: the simulator runs one block at a time, so warp w of every
-    # block can share them. (cuda.syncthreads would do too, but the simulator's block barrier costs
-    # tens of milliseconds per call with 32 Python threads; a threading.Barrier does not.)
+    # A barrier and a table per warp, as mma.sync waits for its warp only: the simulator runs one
+    # block at a time, so warp w of every block can share them. The barrier's timeout turns a lane
+    # that never arrives into a failed test instead of a hung one.
     barriers = [threading.Barrier(32) for _ in range(MAX_WARPS)]
     posted = np.zeros((MAX_WARPS, 32, 6))
     product = np.zeros((MAX_WARPS, 32, 4))
