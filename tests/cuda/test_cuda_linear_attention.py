@@ -134,8 +134,8 @@ def test_simulated_tf32_rounds_to_nearest_ties_away():
 def test_tensor_core_tiles_are_owned_once(tile):
     """On tensor cores, the threads' accumulators cover the tile × tile product exactly once (at
     tile 64, the default, eight warps in a 4 × 2 grid, too many threads to simulate end to end)."""
-    threads = 32 * (tile // 16) * (tile // min(32, tile))
-    acc = np.zeros((2, min(32, tile) // 4), np.float32)
+    threads, rows, cols = cuda_la.tile_layout(tile, 4, 1)
+    acc = np.zeros((rows, cols), np.float32)
     owners = np.zeros((tile, tile), int)
     for tid in range(threads):
         for i in range(acc.shape[0]):

@@ -175,14 +175,23 @@ if cuda is not None:
                 dst[r, c] = value
 
     @cuda.jit(device=True)
+    def _warp_origin(tid, tile):
+        """On tensor cores: the first row and column of the 16 × min(32, tile) part of a tile × tile
+        product that thread tid's warp owns (warps in row-major order)."""
+        width = min(32, tile)
+        per_row = tile // width
+        warp = tid // 32
+        return _u32(16 * (warp // per_row)), _u32(width * (warp % per_row))
+
+    @cuda.jit(device=True)
     def _owned_row(i, tid, acc, tile, layout):
         """The row of a tile × tile product that row i of thread tid's accumulator acc holds (the
         layouts: _tile_mma)."""
         if layout == 0:
             stride = tile // acc.shape[0]
             return _u32(tid // stride) + _u32(i * stride)
-        per_row = tile // min(32, tile)
-        return _u32(16 * ((tid // 32) // per_row)) + _u32((tid % 32) // 4) + _u32(8 * i)
+        row0, _ = _warp_origin(tid, tile)
+        return row0 + _u32((tid % 32) // 4) + _u32(8 * i)
 
     @cuda.jit(device=True)
     def _owned_col(j, tid, acc, tile, layout):
@@ -190,9 +199,8 @@ if cuda is not None:
         if layout == 0:
             stride = tile // acc.shape[0]
             return _u32(tid % stride) + _u32(j * stride)
-        width = min(32, tile)
-        per_row = tile // width
-        return _u32(width * ((tid // 32) % per_row)) + _u32(8 * (j // 2)) + _u32(2 * (tid % 4)) + _u32(j % 2)
+        _, col0 = _warp_origin(tid, tile)
+        return col0 + _u32(8 * (j // 2)) + _u32(2 * (tid % 4)) + _u32(j % 2)
 
     @cuda.jit(device=True)
     def _tile_mma(acc, left, right, tid, layout):
@@ -227,11 +235,7 @@ if cuda is not None:
         """_tile_mma on tensor cores: per 8 steps of depth, one A fragment (16 × 8 of left) and, per
         8-column group, one B fragment (8 × 8 of right) and one mma (three for 3xTF32)."""
         TILE = left.shape[0]
-        width = min(32, TILE)
-        per_row = TILE // width
-        warp = tid // 32
-        row0 = _u32(16 * (warp // per_row))
-        col0 = _u32(width * (warp % per_row))
+        row0, col0 = _warp_origin(tid, TILE)
         g = _u32((tid % 32) // 4)
         t = _u32(tid % 4)
         for k in range(0, TILE, 8):
@@ -330,14 +334,17 @@ def _kernels(dtype):
     return _KERNELS[key]
 
 
+def tile_layout(tile, reg, layout):
+    """(threads per block, accumulator rows, accumulator columns) of the tile kernels (see _tile_mma)."""
+    if layout == 0:          # FMA tiles: a (tile/reg) × (tile/reg) grid of threads, reg × reg elements each
+        return (tile // reg) ** 2, reg, reg
+    width = min(32, tile)    # tensor cores: a warp per 16 × width part
+    return 32 * (tile // 16) * (tile // width), 2, width // 4
+
+
 def _make_kernels(real, TILE, R, min_blocks, LAYOUT):
     PAD = TILE + 1
-    if LAYOUT == 0:          # FMA tiles: a (TILE/R) × (TILE/R) grid of threads, R × R elements each
-        THREADS = (TILE // R) ** 2
-        AR, AC = R, R
-    else:                    # tensor cores: a warp per 16 × min(32, TILE) part (see _tile_mma)
-        THREADS = 32 * (TILE // 16) * (TILE // min(32, TILE))
-        AR, AC = 2, min(32, TILE) // 4
+    THREADS, AR, AC = tile_layout(TILE, R, LAYOUT)
 
     @_device.jit_kernel(THREADS, min_blocks)
     def outer_kernel(xsrc, ysrc, g, out, chunk_decay, T, Dx, Dy, fmap, decay_mode, from_start, scale):
