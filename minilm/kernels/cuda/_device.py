@@ -125,7 +125,7 @@ def to_device(name, x):
         if x.dtype not in (np.float32, np.float64):
             raise TypeError(f"{name} must have dtype float32 or float64, got {x.dtype}")
         x = np.ascontiguousarray(x)
-        if MEMORY_POOL and not simulator_enabled() and x.size > 0:
+        if _pool_serves(x.size):
             array = memory_pool().empty(x.shape, x.dtype)
             array.copy_to_device(x)
             return array
@@ -166,7 +166,7 @@ def _allocate(shape, dtype, kind):
     if kind == "cupy":
         import cupy
         return cuda.as_cuda_array(cupy.empty(tuple(shape), dtype=dtype), sync=False)
-    if MEMORY_POOL and not simulator_enabled() and int(np.prod(shape)) > 0:
+    if _pool_serves(int(np.prod(shape))):
         return memory_pool().empty(shape, dtype)
     return cuda.device_array(shape, dtype=dtype)
 
@@ -338,6 +338,12 @@ class MemoryPool:
         in_use = sum(pointer.size for pointer in list(self.lent.values()))
         idle = sum(size * len(buffers) for size, buffers in list(self.idle.items()))
         return in_use, idle
+
+
+def _pool_serves(size):
+    """Whether an array of `size` elements comes from the memory pool: the pool is on, there is a
+    real device, and the array is not empty."""
+    return MEMORY_POOL and size > 0 and not simulator_enabled()
 
 
 def use_memory_pool(enabled=True):
