@@ -34,6 +34,7 @@ written after every section (results.json, timings.csv, summary.csv in --out):
 script without a GPU). The full run took 283 s on an H200 (peers and both sweeps included).
 """
 import argparse
+import contextlib
 import csv
 import json
 import os
@@ -62,6 +63,8 @@ TARGETS = {
     "la_fwdbwd_over_fla": 2.0,            # forward + backward ≤ 2x fla
     "growth_over_L": 1.3,                 # time(L2) / time(L1) ≤ 1.3 x L2 / L1 (no hidden quadratic term)
 }
+SCAN_GRADS = ("du", "ddelta", "dA", "dBm", "dCm", "dD", "dz", "ddelta_bias")   # selective_scan.backward's order
+LA_GRADS = ("dq", "dk", "dv", "dlog_decay")                                     # linear_attention.backward's
 FALLBACK_PEERS = {  # measured on an H100 80GB HBM3 (shared/gpu/README.md), used when peers cannot run
     "copy_TBps": 2.97,
     ("mambapy", 1024): 4.9, ("mambapy", 4096): 18.9,
@@ -270,7 +273,7 @@ def check_scan(results, B, T, D, N, dtype, tolerance, seed, reference=None, gate
     (out_ref, final_ref), cache_ref = ref_forward(*arrays.values(), return_state=True, **options)
     grads_ref = ref_backward(dout, cache_ref)
     errors = {"out": relative_error(out, out_ref), "final_state": relative_error(final, final_ref)}
-    for label, grad, grad_ref in zip(("du", "ddelta", "dA", "dBm", "dCm", "dD", "dz", "ddelta_bias"), grads, grads_ref):
+    for label, grad, grad_ref in zip(SCAN_GRADS, grads, grads_ref):
         if grad is not None or grad_ref is not None:
             errors[label] = relative_error(grad, grad_ref) if grad is not None and grad_ref is not None else float("inf")
     return _record_check(results, "selective_scan", f"B={B} T={T} D={D} N={N}", np.dtype(dtype).name, name,
@@ -297,7 +300,7 @@ def check_la(results, B, H, T, Dk, Dv, dtype, tolerance, seed, feature_map="iden
     (out_ref, final_ref), cache_ref = ref_forward(q, k, v, **kwargs, **options)
     grads_ref = ref_backward(do, cache_ref)
     errors = {"out": relative_error(out, out_ref), "final_state": relative_error(final, final_ref)}
-    for label, grad, grad_ref in zip(("dq", "dk", "dv", "dlog_decay"), grads, grads_ref):
+    for label, grad, grad_ref in zip(LA_GRADS, grads, grads_ref):
         errors[label] = relative_error(grad, grad_ref)
     if len(grads) != len(grads_ref):
         errors["n_grads"] = float("inf")
@@ -468,7 +471,7 @@ def section_torch(results, smoke):
     out_n, _, grads_n = run_scan(cuda.to_device)
     kinds_ok = isinstance(out_t, torch.Tensor) and all(isinstance(g, torch.Tensor) for g in grads_t if g is not None)
     errors = {"out": relative_error(out_t.cpu().numpy(), out_n.copy_to_host()) if kinds_ok else float("inf")}
-    for label, g_t, g_n in zip(("du", "ddelta", "dA", "dBm", "dCm", "dD", "dz", "ddelta_bias"), grads_t, grads_n):
+    for label, g_t, g_n in zip(SCAN_GRADS, grads_t, grads_n):
         if g_t is not None:
             errors[label] = relative_error(g_t.cpu().numpy(), g_n.copy_to_host()) if kinds_ok else float("inf")
     _record_check(results, "selective_scan torch in/out", shape, "float32", "numba arrays", errors, 1e-5,
@@ -488,17 +491,16 @@ def section_torch(results, smoke):
               lambda cache: la.backward(do, cache), " (torch in/out)")
 
 
-class memory_pool_on:
+@contextlib.contextmanager
+def memory_pool_on():
     """with memory_pool_on(): ... runs the kernels with the memory pool on (Numba arrays whose device
-    memory minilm's MemoryPool reuses across calls)."""
-
-    def __enter__(self):
-        from minilm.kernels.cuda import use_memory_pool
-        self.previous = use_memory_pool(True)
-
-    def __exit__(self, *exc):
-        from minilm.kernels.cuda import use_memory_pool
-        use_memory_pool(self.previous)
+    memory minilm's MemoryPool reuses across calls), then puts the previous setting back."""
+    from minilm.kernels.cuda import use_memory_pool
+    previous = use_memory_pool(True)
+    try:
+        yield
+    finally:
+        use_memory_pool(previous)
 
 
 def section_memory_pool(results, smoke):
@@ -545,12 +547,11 @@ def section_memory_pool(results, smoke):
     def run():
         out, cache = scan.forward(*arrays.values(), **options)
         values = {"scan out": out.copy_to_host()}
-        names = ("du", "ddelta", "dA", "dBm", "dCm", "dD", "dz", "ddelta_bias")
-        values.update({f"scan {name}": g.copy_to_host() for name, g in zip(names, scan.backward(dout, cache))
+        values.update({f"scan {name}": g.copy_to_host() for name, g in zip(SCAN_GRADS, scan.backward(dout, cache))
                        if g is not None})
         out, cache = la.forward(q, k, v)
         values["la out"] = out.copy_to_host()
-        values.update({f"la {name}": g.copy_to_host() for name, g in zip(("dq", "dk", "dv"), la.backward(do, cache))})
+        values.update({f"la {name}": g.copy_to_host() for name, g in zip(LA_GRADS, la.backward(do, cache))})
         return values
 
     _device.POISON_OUTPUTS = True
@@ -791,38 +792,34 @@ def section_summary(results):
                      "target": (">= " if better == "higher" else "<= ") + f"{target:g}" if target else "",
                      "met": met, "peer_source": source})
 
+    def add_vs_peer(what, ours, peer_key, target, better, speedup=False):
+        """A row against a peer's figure: ratio peer / ours (a speed-up) or ours / peer."""
+        peer = figures.get(peer_key)
+        ratio = None if not peer else (peer / ours if speedup else ours / peer)
+        add(what, ours, peer, ratio, target, better, "measured" if peer_key in measured else "recorded H100")
+
     for L in (1024, 4096):
         fwd = _ours(results, "scan fwd", L)
-        peer = figures.get(("mambapy", L))
-        source = "measured" if ("mambapy", L) in measured else "recorded H100"
         if fwd:
-            add(f"scan fwd L={L}: speed-up vs mambapy pscan (ms)", fwd["ms"], peer,
-                peer / fwd["ms"] if peer else None, TARGETS["scan_speedup_vs_mambapy"] if L == 4096 else None,
-                "higher", source)
+            add_vs_peer(f"scan fwd L={L}: speed-up vs mambapy pscan (ms)", fwd["ms"], ("mambapy", L),
+                        TARGETS["scan_speedup_vs_mambapy"] if L == 4096 else None, "higher", speedup=True)
     fwd = _ours(results, "scan fwd", 4096)
     if fwd:
-        copy = figures["copy_TBps"]
-        tbps = fwd["GBps"] / 1e3
-        add("scan fwd L=4096: bandwidth, fraction of copy (TB/s)", tbps, copy, tbps / copy,
-            TARGETS["scan_fraction_of_copy"], "higher", "measured" if "copy_TBps" in measured else "recorded H100")
+        add_vs_peer("scan fwd L=4096: bandwidth, fraction of copy (TB/s)", fwd["GBps"] / 1e3, "copy_TBps",
+                    TARGETS["scan_fraction_of_copy"], "higher")
         both = _ours(results, "scan fwd+bwd", 4096)
         if both:
             add("scan L=4096: fwd+bwd / fwd (ms)", both["ms"], fwd["ms"], both["ms"] / fwd["ms"],
                 TARGETS["scan_fwdbwd_over_fwd"], "lower", "ours")
     for L in (1024, 4096, 16384):
-        source = "measured" if ("fla_fwd", L) in measured else "recorded H100"
-        target_fwd = TARGETS["la_fwd_over_fla"] if L == 16384 else None
-        target_both = TARGETS["la_fwdbwd_over_fla"] if L == 16384 else None
         fwd = _ours(results, "linear_attn fwd", L)
         if fwd:
-            peer = figures.get(("fla_fwd", L))
-            add(f"linear attn fwd L={L}: ours / fla (ms)", fwd["ms"], peer, fwd["ms"] / peer if peer else None,
-                target_fwd, "lower", source)
+            add_vs_peer(f"linear attn fwd L={L}: ours / fla (ms)", fwd["ms"], ("fla_fwd", L),
+                        TARGETS["la_fwd_over_fla"] if L == 16384 else None, "lower")
         both = _ours(results, "linear_attn fwd+bwd", L)
         if both:
-            peer = figures.get(("fla_fwdbwd", L))
-            add(f"linear attn fwd+bwd L={L}: ours / fla (ms)", both["ms"], peer,
-                both["ms"] / peer if peer else None, target_both, "lower", source)
+            add_vs_peer(f"linear attn fwd+bwd L={L}: ours / fla (ms)", both["ms"], ("fla_fwdbwd", L),
+                        TARGETS["la_fwdbwd_over_fla"] if L == 16384 else None, "lower")
     for op, short, long in (("scan fwd", 1024, 4096), ("linear_attn fwd", 1024, 16384),
                             ("linear_attn fwd+bwd", 1024, 16384)):
         first, last = _ours(results, op, short), _ours(results, op, long)
@@ -833,22 +830,18 @@ def section_summary(results):
     for label in (" (torch in/out)", " (memory pool)"):     # the same targets, other kinds of output memory
         scan_fwd = _ours(results, f"scan fwd{label}", 4096)
         if scan_fwd:
-            peer = figures.get(("mambapy", 4096))
-            add(f"scan fwd{label} L=4096: speed-up vs pscan (ms)", scan_fwd["ms"], peer,
-                peer / scan_fwd["ms"] if peer else None, TARGETS["scan_speedup_vs_mambapy"], "higher",
-                "measured" if ("mambapy", 4096) in measured else "recorded H100")
+            add_vs_peer(f"scan fwd{label} L=4096: speed-up vs pscan (ms)", scan_fwd["ms"], ("mambapy", 4096),
+                        TARGETS["scan_speedup_vs_mambapy"], "higher", speedup=True)
             scan_both = _ours(results, f"scan fwd+bwd{label}", 4096)
             if scan_both:
                 add(f"scan{label} L=4096: fwd+bwd / fwd (ms)", scan_both["ms"], scan_fwd["ms"],
                     scan_both["ms"] / scan_fwd["ms"], TARGETS["scan_fwdbwd_over_fwd"], "lower", "ours")
-        for op, target in (("fwd", "la_fwd_over_fla"), ("fwd+bwd", "la_fwdbwd_over_fla")):
+        for op, peer_name, target in (("fwd", "fla_fwd", "la_fwd_over_fla"),
+                                      ("fwd+bwd", "fla_fwdbwd", "la_fwdbwd_over_fla")):
             row = _ours(results, f"linear_attn {op}{label}", 16384)
-            peer_key = ("fla_fwd" if op == "fwd" else "fla_fwdbwd", 16384)
             if row:
-                peer = figures.get(peer_key)
-                add(f"linear attn {op}{label} L=16384: ours / fla (ms)", row["ms"], peer,
-                    row["ms"] / peer if peer else None, TARGETS[target], "lower",
-                    "measured" if peer_key in measured else "recorded H100")
+                add_vs_peer(f"linear attn {op}{label} L=16384: ours / fla (ms)", row["ms"], (peer_name, 16384),
+                            TARGETS[target], "lower")
     # the fastest correct entry of each sweep (same shapes as the target rows above)
     sweep = [row for row in results.data["sweep"] if row["rel_error_vs_default"] <= 1e-4]
 
@@ -857,10 +850,8 @@ def section_summary(results):
 
     best_scan = fastest("scan sweep fwd", "ms")
     if best_scan:
-        peer = figures.get(("mambapy", best_scan["L"]))
-        add(f"scan fwd L={best_scan['L']}, best of sweep: speed-up vs pscan (ms)", best_scan["ms"], peer,
-            peer / best_scan["ms"] if peer else None, TARGETS["scan_speedup_vs_mambapy"], "higher",
-            "measured" if ("mambapy", best_scan["L"]) in measured else "recorded H100")
+        add_vs_peer(f"scan fwd L={best_scan['L']}, best of sweep: speed-up vs pscan (ms)", best_scan["ms"],
+                    ("mambapy", best_scan["L"]), TARGETS["scan_speedup_vs_mambapy"], "higher", speedup=True)
     best_both = fastest("scan sweep fwd", "fwdbwd_ms")
     if best_both:   # forward and backward shapes combine freely: the fastest backward with the fastest forward
         combined = best_scan["ms"] + (best_both["fwdbwd_ms"] - best_both["ms"])
@@ -868,27 +859,23 @@ def section_summary(results):
             combined / best_scan["ms"], TARGETS["scan_fwdbwd_over_fwd"], "lower", "ours")
     best_la = fastest("linear_attn sweep fwd", "ms")
     if best_la:
-        peer = figures.get(("fla_fwd", best_la["L"]))
-        add(f"linear attn fwd L={best_la['L']}, best of sweep: ours / fla (ms)", best_la["ms"], peer,
-            best_la["ms"] / peer if peer else None, TARGETS["la_fwd_over_fla"], "lower",
-            "measured" if ("fla_fwd", best_la["L"]) in measured else "recorded H100")
+        add_vs_peer(f"linear attn fwd L={best_la['L']}, best of sweep: ours / fla (ms)", best_la["ms"],
+                    ("fla_fwd", best_la["L"]), TARGETS["la_fwd_over_fla"], "lower")
     best_la_both = fastest("linear_attn sweep fwd", "fwdbwd_ms")
     if best_la_both:
-        peer = figures.get(("fla_fwdbwd", best_la_both["L"]))
-        add(f"linear attn fwd+bwd L={best_la_both['L']}, best of sweep: ours / fla (ms)", best_la_both["fwdbwd_ms"],
-            peer, best_la_both["fwdbwd_ms"] / peer if peer else None, TARGETS["la_fwdbwd_over_fla"], "lower",
-            "measured" if ("fla_fwdbwd", best_la_both["L"]) in measured else "recorded H100")
+        add_vs_peer(f"linear attn fwd+bwd L={best_la_both['L']}, best of sweep: ours / fla (ms)",
+                    best_la_both["fwdbwd_ms"], ("fla_fwdbwd", best_la_both["L"]), TARGETS["la_fwdbwd_over_fla"],
+                    "lower")
     # tensor-core tiles on their own: 3xTF32 (float32 accuracy), and TF32, the precision of fla's fp32 tiles
     for mode, tolerance in (("3xtf32", 1e-4), ("tf32", 2e-2)):
         entries = [row for row in results.data["sweep"] if row["op"] == "linear_attn sweep fwd"
                    and row["shape"].endswith(f"tensor_cores={mode}") and row["rel_error_vs_default"] <= tolerance]
-        for key, peer_name, target in (("ms", "fla_fwd", "la_fwd_over_fla"), ("fwdbwd_ms", "fla_fwdbwd", "la_fwdbwd_over_fla")):
+        for key, op, peer_name, target in (("ms", "fwd", "fla_fwd", "la_fwd_over_fla"),
+                                           ("fwdbwd_ms", "fwd+bwd", "fla_fwdbwd", "la_fwdbwd_over_fla")):
             row = min(entries, key=lambda entry: entry[key], default=None)
             if row:
-                peer = figures.get((peer_name, row["L"]))
-                add(f"linear attn {'fwd' if key == 'ms' else 'fwd+bwd'} L={row['L']}, {mode} tiles: ours / fla (ms)",
-                    row[key], peer, row[key] / peer if peer else None, TARGETS[target], "lower",
-                    "measured" if (peer_name, row["L"]) in measured else "recorded H100")
+                add_vs_peer(f"linear attn {op} L={row['L']}, {mode} tiles: ours / fla (ms)", row[key],
+                            (peer_name, row["L"]), TARGETS[target], "lower")
     results.data["summary"] = rows
     results.data["best_of_sweep"] = {"scan forward": best_scan and best_scan["shape"],
                                      "scan forward+backward": best_both and best_both["shape"],
