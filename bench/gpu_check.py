@@ -642,7 +642,7 @@ SWEEP = [  # scan block shapes, most promising first (chunk = segments x steps, 
     dict(),                                          # fwd 62 registers, 32 warps; bwd 64 (spills), 32 warps
     dict(bwd_min_blocks=1),                          # bwd 108 registers, none spilled, 16 warps
     dict(bwd_warp_sums=True),                        # bwd sums by shuffles: 64 registers (124 B spilled), 32 warps
-    dict(bwd_warp_sums=True, bwd_min_blocks=1),      # same, 127 registers, none spilled, 16 warps
+    dict(bwd_warp_sums=True, bwd_min_blocks=1),      # same, 128 registers, none spilled, 16 warps
     dict(fwd_min_blocks=0),                          # fwd 68 registers, 24 warps
     dict(fwd_min_blocks=5),                          # fwd 48 registers (16 B spilled), 40 warps
     dict(bwd_segments=4, bwd_steps=16),              # bwd 256-thread blocks, 128 registers (60 B spilled), 16 warps

@@ -448,6 +448,18 @@ if cuda is not None:
             offset *= 2
         return value
 
+    @cuda.jit(device=True)
+    def _add_summed(dst, t, lane, value, summed, first, count, leader):
+        """dst[t, lane] += value from every thread by a shared-memory atomic; or, when summed, the
+        sum of value over `count` lanes first (_xor_sum(value, first, count)), added once, by the
+        leader of those lanes."""
+        if summed:
+            value = _xor_sum(value, first, count)
+            if leader:
+                cuda.atomic.add(dst, (t, lane), value)
+        else:
+            cuda.atomic.add(dst, (t, lane), value)
+
 
 # ----------------------------------------------------------------------------------------------
 # backward kernel
@@ -595,13 +607,8 @@ def _make_backward_kernel(real, DG, NT, NPT, S, K, min_blocks, WARP_SUMS=False):
                         states[k, j] = h[j]
                         prod[j] = prod[j] * decay[k, j]
                         y += s_C[t, col0 + _u32(j)] * h[j]
-                    if has_z:
-                        if WARP_SUMS:     # Σ over this warp's state threads, one atomic per warp
-                            y = _xor_sum(y, DG, NT_IN_WARP)
-                            if nt % NT_IN_WARP == 0:
-                                cuda.atomic.add(s_y, (t, lane), y)
-                        else:
-                            cuda.atomic.add(s_y, (t, lane), y)
+                    if has_z:         # Σ over state threads (with WARP_SUMS: this warp's first, one atomic)
+                        _add_summed(s_y, t, lane, y, WARP_SUMS, DG, NT_IN_WARP, nt % NT_IN_WARP == 0)
 
                 # adjoint, locally from a_{t+1} g_{t+1} = 0 at the segment's end:
                 # g_t = C_t dy_t + (a_{t+1} g_{t+1}); what leaves the segment is a_first g_first
@@ -657,15 +664,8 @@ def _make_backward_kernel(real, DG, NT, NPT, S, K, min_blocks, WARP_SUMS=False):
                             cuda.atomic.add(s_dB, (t, nl), g * step_u)
                             cuda.atomic.add(s_dC, (t, nl), dy * states[k, j])
                         later[j] = decay[k, j] * g
-                    if WARP_SUMS:
-                        gB = _xor_sum(gB, DG, NT_IN_WARP)
-                        gAh = _xor_sum(gAh, DG, NT_IN_WARP)
-                        if nt % NT_IN_WARP == 0:
-                            cuda.atomic.add(s_gB, (t, lane), gB)
-                            cuda.atomic.add(s_gAh, (t, lane), gAh)
-                    else:
-                        cuda.atomic.add(s_gB, (t, lane), gB)
-                        cuda.atomic.add(s_gAh, (t, lane), gAh)
+                    _add_summed(s_gB, t, lane, gB, WARP_SUMS, DG, NT_IN_WARP, nt % NT_IN_WARP == 0)
+                    _add_summed(s_gAh, t, lane, gAh, WARP_SUMS, DG, NT_IN_WARP, nt % NT_IN_WARP == 0)
                 cuda.syncthreads()
 
                 # per (t, d): du, dΔ, dz; per (t, n): dB, dC into global memory
