@@ -79,9 +79,13 @@ MIN_BLOCKS = {"float32": 3, "float64": 0}
 # The tile products on float FMAs ("off"), or on tensor cores: "tf32" (inputs rounded to 10 mantissa
 # bits, relative errors near 1e-3, as Triton's default for float32 dot products) or "3xtf32" (each
 # input split in two TF32 parts, three mma: close to float32). float32 only; tiles a multiple of 16.
-# Off by default until checked and timed on a GPU (bench/gpu_check.py sweeps it).
+# Off by default: on an H200, with one tile load in flight per thread, neither bought time (output
+# kernel 1.10 ms on FMAs, 1.11 on 3xTF32, 1.02 on TF32); bench/gpu_check.py sweeps them.
 TENSOR_CORES = {"float32": "off", "float64": "off"}
 LAYOUTS = {"off": 0, "tf32": 1, "3xtf32": 2}       # the `layout` argument of _tile_mma
+# Elements of a tile one thread loads before storing them to shared memory (_load_tile): more loads
+# in flight; 8 or 16 spill registers under the launch bounds (sm_90), 4 do not.
+MAX_LOADS = 4
 SCAN_THREADS = 256     # threads per block of the chunk scan and of the decay-gradient kernel
 SCAN_UNROLL = 4        # chunks whose increments the scan loads before folding them in (more loads in flight)
 
@@ -146,33 +150,48 @@ if cuda is not None:
         return one
 
     @cuda.jit(device=True)
-    def _load_tile(dst, src, bh, row0, row_end, col0, col_end, transpose, fmap, weights, weighted, one):
+    def _load_tile(dst, src, bh, row0, row_end, col0, col_end, transpose, fmap, weights, weighted, one,
+                   staged, threads):
         """dst (TILE, TILE+1) <- src[b, h, row0 + r, col0 + c] (transposed: dst[c, r]), zero outside
         rows < row_end and cols < col_end, through the feature map fmap (-1: none), each row r times
         weights[r] when weighted. Consecutive threads read consecutive columns (coalesced).
+
+        Each thread loads its next len(staged) elements into `staged` (a local array: registers)
+        and only then stores them, so those loads are in flight together: a trip to memory per
+        len(staged) elements, not per element (the compiler keeps a load behind a store to shared
+        memory that comes before it). threads: the block's size, a compile-time constant.
         """
         TILE = dst.shape[0]
+        batch = staged.shape[0]
         heads = src.shape[1]
         b = bh // heads
         h = bh % heads
-        tid = cuda.threadIdx.x
-        threads = cuda.blockDim.x
-        for index in range(tid, TILE * TILE, threads):
-            r = _u32(index // TILE)
-            c = _u32(index % TILE)
-            row = row0 + r
-            col = col0 + c
-            value = one - one
-            if row < row_end and col < col_end:
-                value = src[b, h, row, col]
-                if fmap >= 0:
-                    value = _feature(value, fmap, one)
-                if weighted:
-                    value = value * weights[r]
-            if transpose:
-                dst[c, r] = value
-            else:
-                dst[r, c] = value
+        tid = _u32(cuda.threadIdx.x)
+        size = TILE * TILE
+        for first in range(0, size, threads * batch):
+            for u in range(batch):
+                index = tid + _u32(first + u * threads)
+                row = row0 + _u32(index // TILE)
+                col = col0 + _u32(index % TILE)
+                value = one - one
+                if index < size and row < row_end and col < col_end:
+                    value = src[b, h, _u32(row), _u32(col)]
+                staged[u] = value
+            for u in range(batch):
+                index = tid + _u32(first + u * threads)
+                r = _u32(index // TILE)
+                c = _u32(index % TILE)
+                value = staged[u]
+                if row0 + r < row_end and col0 + c < col_end:
+                    if fmap >= 0:
+                        value = _feature(value, fmap, one)
+                    if weighted:
+                        value = value * weights[r]
+                if index < size:
+                    if transpose:
+                        dst[c, r] = value
+                    else:
+                        dst[r, c] = value
 
     @cuda.jit(device=True)
     def _warp_origin(tid, tile):
@@ -345,6 +364,8 @@ def tile_layout(tile, reg, layout):
 def _make_kernels(real, TILE, R, min_blocks, LAYOUT):
     PAD = TILE + 1
     THREADS, AR, AC = tile_layout(TILE, R, LAYOUT)
+    # elements of a tile each thread loads at once (_load_tile): all of its share, up to MAX_LOADS
+    LOADS = min(MAX_LOADS, -(-TILE * TILE // THREADS))
 
     @_device.jit_kernel(THREADS, min_blocks)
     def outer_kernel(xsrc, ysrc, g, out, chunk_decay, T, Dx, Dy, fmap, decay_mode, from_start, scale):
@@ -364,6 +385,7 @@ def _make_kernels(real, TILE, R, min_blocks, LAYOUT):
         s_gamma = cuda.shared.array(TILE, real)
         s_w = cuda.shared.array(TILE, real)
         acc = cuda.local.array((AR, AC), real)
+        staged = cuda.local.array(LOADS, real)      # see _load_tile
         _zero(acc, zero)
 
         t_first = chunk * TILE
@@ -375,8 +397,8 @@ def _make_kernels(real, TILE, R, min_blocks, LAYOUT):
             else:
                 s_w[row] = math.exp(s_gamma[TILE - 1] - s_gamma[row])
         cuda.syncthreads()
-        _load_tile(s_x, xsrc, bh, t_first, T, xt * TILE, Dx, True, fmap, s_w, False, one)
-        _load_tile(s_y, ysrc, bh, t_first, T, yt * TILE, Dy, False, -1, s_w, True, one)
+        _load_tile(s_x, xsrc, bh, t_first, T, xt * TILE, Dx, True, fmap, s_w, False, one, staged, THREADS)
+        _load_tile(s_y, ysrc, bh, t_first, T, yt * TILE, Dy, False, -1, s_w, True, one, staged, THREADS)
         cuda.syncthreads()
         _tile_mma(acc, s_x, s_y, tid, LAYOUT)
 
@@ -406,24 +428,25 @@ def _make_kernels(real, TILE, R, min_blocks, LAYOUT):
         s_gamma = cuda.shared.array(TILE, real)
         acc_o = cuda.local.array((AR, AC), real)
         acc_a = cuda.local.array((AR, AC), real)
+        staged = cuda.local.array(LOADS, real)      # see _load_tile
         _zero(acc_o, zero)
         _zero(acc_a, zero)
 
         t_first = chunk * TILE
         _cumulative_decay(s_gamma, g, decay_mode, bh, t_first, T, zero)
         for kt in range(0, Dk, TILE):
-            _load_tile(s_1, q, bh, t_first, T, kt, Dk, False, fmap, s_gamma, False, one)
+            _load_tile(s_1, q, bh, t_first, T, kt, Dk, False, fmap, s_gamma, False, one, staged, THREADS)
             _load_tile(s_2, states, bh, chunk * Dk + kt, chunk * Dk + Dk, vt * TILE, Dv, False, -1,
-                       s_gamma, False, one)
+                       s_gamma, False, one, staged, THREADS)
             cuda.syncthreads()
             _tile_mma(acc_o, s_1, s_2, tid, LAYOUT)                 # φ(Q) S_c
             cuda.syncthreads()
-            _load_tile(s_2, k, bh, t_first, T, kt, Dk, True, fmap, s_gamma, False, one)
+            _load_tile(s_2, k, bh, t_first, T, kt, Dk, True, fmap, s_gamma, False, one, staged, THREADS)
             cuda.syncthreads()
             _tile_mma(acc_a, s_1, s_2, tid, LAYOUT)                 # φ(Q) φ(K)ᵀ
             cuda.syncthreads()
         _masked_scores(s_1, acc_a, s_gamma, tid, LAYOUT, scale, False, zero)
-        _load_tile(s_2, v, bh, t_first, T, vt * TILE, Dv, False, -1, s_gamma, False, one)
+        _load_tile(s_2, v, bh, t_first, T, vt * TILE, Dv, False, -1, s_gamma, False, one, staged, THREADS)
         for i in range(AR):
             weight = scale * math.exp(s_gamma[_owned_row(i, tid, acc_o, TILE, LAYOUT)])
             for j in range(AC):
@@ -490,6 +513,7 @@ def _make_kernels(real, TILE, R, min_blocks, LAYOUT):
         s_gamma = cuda.shared.array(TILE, real)
         s_db = cuda.shared.array(TILE, real)
         acc = cuda.local.array((AR, AC), real)
+        staged = cuda.local.array(LOADS, real)      # see _load_tile
         acc_q = cuda.local.array((AR, AC), real)
         _zero(acc, zero)
         _zero(acc_q, zero)
@@ -499,21 +523,21 @@ def _make_kernels(real, TILE, R, min_blocks, LAYOUT):
             s_db[row] = zero
 
         for vt in range(0, Dv, TILE):                        # dO Vᵀ
-            _load_tile(s_1, do, bh, t_first, T, vt, Dv, False, -1, s_gamma, False, one)
-            _load_tile(s_2, v, bh, t_first, T, vt, Dv, True, -1, s_gamma, False, one)
+            _load_tile(s_1, do, bh, t_first, T, vt, Dv, False, -1, s_gamma, False, one, staged, THREADS)
+            _load_tile(s_2, v, bh, t_first, T, vt, Dv, True, -1, s_gamma, False, one, staged, THREADS)
             cuda.syncthreads()
             _tile_mma(acc, s_1, s_2, tid, LAYOUT)
             cuda.syncthreads()
         _masked_scores(s_1, acc, s_gamma, tid, LAYOUT, scale, False, zero)      # dP
-        _load_tile(s_2, k, bh, t_first, T, kt, Dk, False, fmap, s_gamma, False, one)
+        _load_tile(s_2, k, bh, t_first, T, kt, Dk, False, fmap, s_gamma, False, one, staged, THREADS)
         cuda.syncthreads()
         _tile_mma(acc_q, s_1, s_2, tid, LAYOUT)                   # dP φ(K)
         _zero(acc, zero)
         for vt in range(0, Dv, TILE):                        # dO S_cᵀ
             cuda.syncthreads()
-            _load_tile(s_1, do, bh, t_first, T, vt, Dv, False, -1, s_gamma, False, one)
+            _load_tile(s_1, do, bh, t_first, T, vt, Dv, False, -1, s_gamma, False, one, staged, THREADS)
             _load_tile(s_2, states, bh, chunk * Dk + kt, chunk * Dk + Dk, vt, Dv, True, -1,
-                       s_gamma, False, one)
+                       s_gamma, False, one, staged, THREADS)
             cuda.syncthreads()
             _tile_mma(acc, s_1, s_2, tid, LAYOUT)
         _finish_key_grad(q, dq, dgamma, acc_q, acc, s_gamma, s_db, bh, t_first, kt, T, Dk, fmap,
@@ -533,6 +557,7 @@ def _make_kernels(real, TILE, R, min_blocks, LAYOUT):
         s_gamma = cuda.shared.array(TILE, real)
         s_db = cuda.shared.array(TILE, real)
         acc = cuda.local.array((AR, AC), real)
+        staged = cuda.local.array(LOADS, real)      # see _load_tile
         acc_k = cuda.local.array((AR, AC), real)
         _zero(acc, zero)
         _zero(acc_k, zero)
@@ -542,21 +567,21 @@ def _make_kernels(real, TILE, R, min_blocks, LAYOUT):
             s_db[row] = zero
 
         for vt in range(0, Dv, TILE):                        # V dOᵀ = (dO Vᵀ)ᵀ
-            _load_tile(s_1, v, bh, t_first, T, vt, Dv, False, -1, s_gamma, False, one)
-            _load_tile(s_2, do, bh, t_first, T, vt, Dv, True, -1, s_gamma, False, one)
+            _load_tile(s_1, v, bh, t_first, T, vt, Dv, False, -1, s_gamma, False, one, staged, THREADS)
+            _load_tile(s_2, do, bh, t_first, T, vt, Dv, True, -1, s_gamma, False, one, staged, THREADS)
             cuda.syncthreads()
             _tile_mma(acc, s_1, s_2, tid, LAYOUT)
             cuda.syncthreads()
         _masked_scores(s_1, acc, s_gamma, tid, LAYOUT, scale, True, zero)       # dPᵀ
-        _load_tile(s_2, q, bh, t_first, T, kt, Dk, False, fmap, s_gamma, False, one)
+        _load_tile(s_2, q, bh, t_first, T, kt, Dk, False, fmap, s_gamma, False, one, staged, THREADS)
         cuda.syncthreads()
         _tile_mma(acc_k, s_1, s_2, tid, LAYOUT)                   # dPᵀ φ(Q)
         _zero(acc, zero)
         for vt in range(0, Dv, TILE):                        # V G_cᵀ
             cuda.syncthreads()
-            _load_tile(s_1, v, bh, t_first, T, vt, Dv, False, -1, s_gamma, False, one)
+            _load_tile(s_1, v, bh, t_first, T, vt, Dv, False, -1, s_gamma, False, one, staged, THREADS)
             _load_tile(s_2, grads, bh, chunk * Dk + kt, chunk * Dk + Dk, vt, Dv, True, -1,
-                       s_gamma, False, one)
+                       s_gamma, False, one, staged, THREADS)
             cuda.syncthreads()
             _tile_mma(acc, s_1, s_2, tid, LAYOUT)
         _finish_key_grad(k, dk, dgamma, acc_k, acc, s_gamma, s_db, bh, t_first, kt, T, Dk, fmap,
@@ -575,6 +600,7 @@ def _make_kernels(real, TILE, R, min_blocks, LAYOUT):
         s_2 = cuda.shared.array((TILE, PAD), real)
         s_gamma = cuda.shared.array(TILE, real)
         acc = cuda.local.array((AR, AC), real)
+        staged = cuda.local.array(LOADS, real)      # see _load_tile
         acc_v = cuda.local.array((AR, AC), real)
         _zero(acc, zero)
         _zero(acc_v, zero)
@@ -582,21 +608,21 @@ def _make_kernels(real, TILE, R, min_blocks, LAYOUT):
         _cumulative_decay(s_gamma, g, decay_mode, bh, t_first, T, zero)
 
         for kt in range(0, Dk, TILE):                        # φ(K) φ(Q)ᵀ = Aᵀ
-            _load_tile(s_1, k, bh, t_first, T, kt, Dk, False, fmap, s_gamma, False, one)
-            _load_tile(s_2, q, bh, t_first, T, kt, Dk, True, fmap, s_gamma, False, one)
+            _load_tile(s_1, k, bh, t_first, T, kt, Dk, False, fmap, s_gamma, False, one, staged, THREADS)
+            _load_tile(s_2, q, bh, t_first, T, kt, Dk, True, fmap, s_gamma, False, one, staged, THREADS)
             cuda.syncthreads()
             _tile_mma(acc, s_1, s_2, tid, LAYOUT)
             cuda.syncthreads()
         _masked_scores(s_1, acc, s_gamma, tid, LAYOUT, scale, True, zero)
-        _load_tile(s_2, do, bh, t_first, T, vt, Dv, False, -1, s_gamma, False, one)
+        _load_tile(s_2, do, bh, t_first, T, vt, Dv, False, -1, s_gamma, False, one, staged, THREADS)
         cuda.syncthreads()
         _tile_mma(acc_v, s_1, s_2, tid, LAYOUT)                   # Aᵀ dO
         _zero(acc, zero)
         for kt in range(0, Dk, TILE):                        # φ(K) G_c
             cuda.syncthreads()
-            _load_tile(s_1, k, bh, t_first, T, kt, Dk, False, fmap, s_gamma, False, one)
+            _load_tile(s_1, k, bh, t_first, T, kt, Dk, False, fmap, s_gamma, False, one, staged, THREADS)
             _load_tile(s_2, grads, bh, chunk * Dk + kt, chunk * Dk + Dk, vt, Dv, False, -1,
-                       s_gamma, False, one)
+                       s_gamma, False, one, staged, THREADS)
             cuda.syncthreads()
             _tile_mma(acc, s_1, s_2, tid, LAYOUT)
 
