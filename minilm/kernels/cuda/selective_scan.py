@@ -212,6 +212,7 @@ def _make_forward_kernel(real, DG, NT, NPT, S, K, min_blocks, STORE_STEPS):
     CH = S * K                   # steps per chunk
     THREADS = DG * NT * S
     ROUNDS = _rounds(S)
+    STAGED = _staged_rows(CH, DG, NP, THREADS)
 
     @_device.jit_kernel(THREADS, min_blocks)
     def forward_kernel(u, delta, A, Bm, Cm, Dskip, z, bias, h0, out, carries, final_state,
@@ -252,6 +253,7 @@ def _make_forward_kernel(real, DG, NT, NPT, S, K, min_blocks, STORE_STEPS):
             s_zero[0] = 0
 
         KEPT = K if STORE_STEPS else 1
+        staged = cuda.local.array((STAGED, 2), real)    # this thread's share of a chunk's inputs
         decay = cuda.local.array((KEPT, NPT), real)     # a_t of this thread's steps (with STORE_STEPS)
         drive = cuda.local.array((KEPT, NPT), real)     # b_t
         A2 = cuda.local.array(NPT, real)                # A log2 e
@@ -276,7 +278,7 @@ def _make_forward_kernel(real, DG, NT, NPT, S, K, min_blocks, STORE_STEPS):
                 cuda.syncthreads()       # everyone is done with the previous chunk's tiles
                 row0 = _u32(seg * K) + s_zero[0]
                 _stage_inputs(u, delta, bias, Bm, Cm, s_step, s_step_u, s_u, s_B, s_C,
-                              batch, t_first, d_first, group * NP, softplus, threshold, zero)
+                              batch, t_first, d_first, group * NP, softplus, threshold, zero, staged, THREADS)
                 if seg == 0:
                     for j in range(NPT):
                         carry_in[j] = s_carry[col0 + _u32(j), lane]
@@ -361,47 +363,73 @@ def _make_forward_kernel(real, DG, NT, NPT, S, K, min_blocks, STORE_STEPS):
 if cuda is not None:
     @cuda.jit(device=True)
     def _stage_inputs(u, delta, bias, Bm, Cm, s_step, s_step_u, s_u, s_B, s_C,
-                      batch, t_first, d_first, n_first, softplus, threshold, zero):
+                      batch, t_first, d_first, n_first, softplus, threshold, zero, staged, threads):
         """Copy one chunk of the inputs into shared memory, Δ already through bias and softplus.
 
         Steps past T and channels past D get Δ = 0, u = 0 (the identity step a = 1, b = 0); states
         past N get B = C = 0. Consecutive threads read consecutive channels (coalesced).
+
+        A thread issues all of its loads first, into `staged` (a local array in registers of
+        _staged_rows(...) rows: (delta + bias, u) of its channel elements, then (B, C) of its state
+        elements), and stores them afterwards: the loads are in flight together, one trip to
+        memory per chunk instead of one per element (a store to shared memory between two loads
+        keeps the second waiting for the first).
         """
-        tid = cuda.threadIdx.x
-        threads = cuda.blockDim.x
+        tid = _u32(cuda.threadIdx.x)
         CH = s_step.shape[0]
         DG = s_step.shape[1]
         NP = s_B.shape[1]
         T = u.shape[1]
         channels = u.shape[2]
         N = Bm.shape[2]
-        for index in range(tid, CH * DG, threads):
-            t_local = index // DG
-            ln = index % DG
-            t = t_first + t_local
-            dd = d_first + ln
+        per_channel = (CH * DG + threads - 1) // threads      # rows of staged for (delta + bias, u)
+        per_state = (CH * NP + threads - 1) // threads        # and for (B, C)
+        for r in range(per_channel):
+            index = tid + _u32(r * threads)
+            t = t_first + index // DG
+            dd = d_first + index % DG
             step = zero
             value = zero
-            if t < T and dd < channels:
+            if index < CH * DG and t < T and dd < channels:
                 step = delta[batch, t, dd] + bias[dd]
-                if softplus:
-                    step = _softplus(step, threshold)
                 value = u[batch, t, dd]
-            s_step[t_local, ln] = step
-            s_step_u[t_local, ln] = step * value
-            s_u[t_local, ln] = value
-        for index in range(tid, CH * NP, threads):
-            t_local = index // NP
-            nl = index % NP
-            t = t_first + t_local
-            n = n_first + nl
-            if t < T and n < N:
-                s_B[t_local, nl] = Bm[batch, t, n]
-                s_C[t_local, nl] = Cm[batch, t, n]
-            else:
-                s_B[t_local, nl] = zero
-                s_C[t_local, nl] = zero
+            staged[r, 0] = step
+            staged[r, 1] = value
+        for r in range(per_state):
+            index = tid + _u32(r * threads)
+            t = t_first + index // NP
+            n = n_first + index % NP
+            b_value = zero
+            c_value = zero
+            if index < CH * NP and t < T and n < N:
+                b_value = Bm[batch, t, n]
+                c_value = Cm[batch, t, n]
+            staged[per_channel + r, 0] = b_value
+            staged[per_channel + r, 1] = c_value
+        for r in range(per_channel):
+            index = tid + _u32(r * threads)
+            t_local = _u32(index // DG)
+            ln = _u32(index % DG)
+            if index < CH * DG:
+                step = staged[r, 0]
+                if softplus and t_first + t_local < T and d_first + ln < channels:
+                    step = _softplus(step, threshold)
+                s_step[t_local, ln] = step
+                s_step_u[t_local, ln] = step * staged[r, 1]
+                s_u[t_local, ln] = staged[r, 1]
+        for r in range(per_state):
+            index = tid + _u32(r * threads)
+            if index < CH * NP:
+                s_B[_u32(index // NP), _u32(index % NP)] = staged[per_channel + r, 0]
+                s_C[_u32(index // NP), _u32(index % NP)] = staged[per_channel + r, 1]
 
+
+def _staged_rows(chunk, channels, states, threads):
+    """Rows of the `staged` local array _stage_inputs needs (its loads per thread, in pairs)."""
+    return -(-chunk * channels // threads) + -(-chunk * states // threads)
+
+
+if cuda is not None:
     @cuda.jit(device=True)
     def _segment_scan(s_a, s_h, prod, h, seg, col0, lane, NPT, S, ROUNDS, reverse):
         """Inclusive Hillis-Steele scan of the segments' (Π a, h) pairs with ∘, across the block.
@@ -488,6 +516,7 @@ def _make_backward_kernel(real, DG, NT, NPT, S, K, min_blocks, WARP_SUMS=False):
     CH = S * K
     THREADS = DG * NT * S
     ROUNDS = _rounds(S)
+    STAGED = _staged_rows(CH, DG, NP, THREADS)
     NT_IN_WARP = min(NT, max(1, 32 // DG))      # state threads of one segment that share a warp
 
     @_device.jit_kernel(THREADS, min_blocks)
@@ -530,6 +559,7 @@ def _make_backward_kernel(real, DG, NT, NPT, S, K, min_blocks, WARP_SUMS=False):
         if tid == 0:
             s_zero[0] = 0
 
+        staged = cuda.local.array((STAGED, 2), real)    # this thread's share of a chunk's inputs
         decay = cuda.local.array((K, NPT), real)
         states = cuda.local.array((K, NPT), real)       # b_t, then h_t once the fix-up has run
         A_row = cuda.local.array(NPT, real)
@@ -564,7 +594,7 @@ def _make_backward_kernel(real, DG, NT, NPT, S, K, min_blocks, WARP_SUMS=False):
                 # the chunk loop into registers, which would cost ~100 registers per thread.
                 row0 = _u32(seg * K) + s_zero[0]
                 _stage_inputs(u, delta, bias, Bm, Cm, s_step, s_step_u, s_u, s_B, s_C,
-                              batch, t_first, d_first, group * NP, softplus, threshold, zero)
+                              batch, t_first, d_first, group * NP, softplus, threshold, zero, staged, THREADS)
                 _stage_output_grad(dout, z, s_dy, s_dB, s_dC, s_gB, s_gAh, s_y,
                                    batch, t_first, d_first, has_z, zero, one)
                 for j in range(NPT):
