@@ -154,11 +154,28 @@ def warp_shuffles(monkeypatch):
     # 3 state threads: a layout the shuffles cannot serve, so the atomics run instead
     (dict(channels=8, state_threads=3, states_per_thread=1), 1, 5, 3, 3, np.float64),
 ])
-def test_backward_with_warp_sums(blocks, warp_shuffles, shape, B, T, D, N, dtype):
-    """The backward's sums over channels and state threads by warp shuffles (bwd_warp_sums) give
-    the reference's gradients (all of them: the gate's sum Σ_n C h included)."""
-    blocks(dict(shape, fwd_segments=2, fwd_steps=2, bwd_segments=2, bwd_steps=2, bwd_warp_sums=True))
+@pytest.mark.parametrize("warp_sums", [True, False])
+def test_backward_with_and_without_warp_sums(blocks, warp_shuffles, shape, B, T, D, N, dtype, warp_sums):
+    """The backward's sums over channels and state threads by warp shuffles (bwd_warp_sums, the
+    default), and by shared-memory atomics alone, give the reference's gradients (all of them: the
+    gate's sum Σ_n C h included)."""
+    blocks(dict(shape, fwd_segments=2, fwd_steps=2, bwd_segments=2, bwd_steps=2, bwd_warp_sums=warp_sums))
     compare(B, T, D, N, dtype, 10)
+
+
+def test_warp_sums_only_where_the_simulator_has_shuffles(monkeypatch):
+    """The default block shape asks for warp sums; Numba's simulator has no shuffles, so there the
+    backward takes the atomics path, and with shuffles lent (the warp_shuffles fixture) the
+    shuffle path."""
+    from numba.cuda.simulator import kernelapi
+    config = cuda_scan.ScanConfig()
+    assert config.bwd_warp_sums
+    monkeypatch.setattr(_device, "simulator_enabled", lambda: True)
+    monkeypatch.delattr(kernelapi.FakeCUDAModule, "shfl_xor_sync", raising=False)
+    assert not cuda_scan.backward_warp_sums(config, 16)
+    monkeypatch.setattr(kernelapi.FakeCUDAModule, "shfl_xor_sync", lambda *args: 0, raising=False)
+    assert cuda_scan.backward_warp_sums(config, 16)
+    assert not cuda_scan.backward_warp_sums(cuda_scan.ScanConfig(bwd_warp_sums=False), 16)
 
 
 def test_warp_sums_fit_only_whole_aligned_lane_groups():
