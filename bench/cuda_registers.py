@@ -166,7 +166,7 @@ def rows_for_scan(cc, ptxas, N=16):
         DG = config.channels
         forward_args = (DG, NT, NPT, config.fwd_segments, config.fwd_steps, config.fwd_min_blocks,
                         config.fwd_store_steps)
-        warp_sums = config.bwd_warp_sums and scan._warp_sums_fit(DG, NT, DG * NT * config.bwd_segments)
+        warp_sums = scan.backward_warp_sums(config, N)
         backward_args = (DG, NT, NPT, config.bwd_segments, config.bwd_steps, config.bwd_min_blocks, warp_sums)
         kernels = [("scan forward", forward_args, DG * NT * config.fwd_segments, config.fwd_min_blocks,
                     forward_sig, scan._make_forward_kernel),
@@ -189,7 +189,8 @@ def rows_for_linear_attention(cc, ptxas):
     from minilm.kernels.cuda import linear_attention as la
     rows = []
     # the swept configurations, and the FMA variants an earlier sweep timed (docs/kernels.md)
-    configs = gpu_check.LA_SWEEP + [(64, 4, 0, "off"), (64, 8, 0, "off"), (32, 4, 0, "off")]
+    configs = gpu_check.LA_SWEEP + [entry for entry in [(64, 4, 0, "off"), (64, 8, 0, "off"), (32, 4, 0, "off")]
+                                    if entry not in gpu_check.LA_SWEEP]
     for tile, reg, min_blocks, tensor_cores in configs:
         kernels = la._make_kernels(float32, tile, reg, min_blocks, la.LAYOUTS[tensor_cores])
         bounds = (kernels["threads"], min_blocks) if min_blocks else None

@@ -20,18 +20,19 @@ written after every section (results.json, timings.csv, summary.csv in --out):
      (host_ms: the time the host spends inside the call; the rest of ms is the GPU's);
   3. the same with PyTorch tensors in and out (checked against the Numba-array path): outputs then
      come from PyTorch's caching allocator, as for the peers;
-  4. the same with minilm's memory pool (minilm.kernels.cuda.use_memory_pool): its bookkeeping on
-     the device, pooled results against unpooled ones, timings;
+  4. minilm's memory pool (minilm.kernels.cuda.use_memory_pool, on by default): its bookkeeping on
+     the device, pooled results against unpooled ones, timings without it;
   5. where the host time of a call goes (cProfile, the costliest functions per call);
-  6. the peers (.whl/peers.py: copy bandwidth, fla chunk_linear_attn, mambapy pscan) in a subprocess;
-  7. while time allows (--sweep-until), a sweep of the linear-attention tiles (float FMAs or tensor
+  6. the GPU time of each kernel of a call (CUDA events around every launch), next to the call's;
+  7. the peers (.whl/peers.py: copy bandwidth, fla chunk_linear_attn, mambapy pscan) in a subprocess;
+  8. while time allows (--sweep-until), a sweep of the linear-attention tiles (float FMAs or tensor
      cores) and of the scan's block shapes (--sweeps), each entry's output and gradients checked
      against the default's;
-  8. one table, printed last, of our figures, the peers' and the ratios against the targets (time
+  9. one table, printed last, of our figures, the peers' and the ratios against the targets (time
      growth with L included), with the fastest entries of the sweeps.
 
 --smoke runs the same code on tiny shapes (it works under NUMBA_ENABLE_CUDASIM=1, for testing this
-script without a GPU). The full run took 283 s on an H200 (peers and both sweeps included).
+script without a GPU). The full run took 324 s on an H200 (peers and both sweeps included).
 """
 import argparse
 import contextlib
@@ -89,7 +90,7 @@ class Results:
         self.folder = folder
         os.makedirs(folder, exist_ok=True)
         self.data = {"device": None, "versions": {}, "correctness": [], "timings": [], "sweep": [],
-                     "peers": [], "host_profile": {}, "summary": [], "errors": []}
+                     "peers": [], "host_profile": {}, "kernel_times": [], "summary": [], "errors": []}
 
     def section(self, name, fn, *args, **kwargs):
         """Run one section; report and keep going on failure; write everything afterwards."""
@@ -492,11 +493,11 @@ def section_torch(results, smoke):
 
 
 @contextlib.contextmanager
-def memory_pool_on():
-    """with memory_pool_on(): ... runs the kernels with the memory pool on (Numba arrays whose device
-    memory minilm's MemoryPool reuses across calls), then puts the previous setting back."""
+def memory_pool(enabled):
+    """with memory_pool(False): ... runs the kernels with minilm's memory pool off (Numba arrays get
+    their device memory from cuMemAlloc) or on, then puts the previous setting back."""
     from minilm.kernels.cuda import use_memory_pool
-    previous = use_memory_pool(True)
+    previous = use_memory_pool(enabled)
     try:
         yield
     finally:
@@ -507,7 +508,8 @@ def section_memory_pool(results, smoke):
     """The memory pool (use_memory_pool) on a real device: its bookkeeping (a slice keeps its
     buffer lent, a buffer comes back once its last view is gone), the outputs and gradients of both
     ops from pooled buffers (second run: every buffer handed out again, NaN-poisoned first) against
-    an unpooled run, then the timings with the pool (rows labelled "(memory pool)")."""
+    an unpooled run, then the timings without the pool (rows labelled "(no memory pool)"; the
+    other timings have it)."""
     from numba import cuda
     from minilm.kernels.cuda import _device
     from minilm.kernels.cuda import linear_attention as la
@@ -556,8 +558,9 @@ def section_memory_pool(results, smoke):
 
     _device.POISON_OUTPUTS = True
     try:
-        unpooled = run()
-        with memory_pool_on():
+        with memory_pool(False):
+            unpooled = run()
+        with memory_pool(True):
             run()
             pooled = run()
     finally:
@@ -566,22 +569,41 @@ def section_memory_pool(results, smoke):
     _record_check(results, "scan + linear_attention, memory pool", f"B={B} T={T} D={D} N={N}; B={Bl} H={H} T={L} d={d}",
                   "float32", "no pool", errors, 1e-5, time.time() - started)
 
-    with memory_pool_on():
+    with memory_pool(False):
         for label, forward, backward, shape, L_row in (
                 ("scan", lambda: scan.forward(*plain_arrays.values(), **plain),     # the peer's work, as "scan fwd"
                  lambda cache: scan.backward(dout, cache), f"B={B} T={T} D={D} N={N}", T),
                 ("linear_attn", lambda: la.forward(q, k, v), lambda cache: la.backward(do, cache),
                  f"B={Bl} H={H} T={L} d={d}", L)):
-            time_pair(results, label, shape, L_row, forward, backward, " (memory pool)")
+            time_pair(results, label, shape, L_row, forward, backward, " (no memory pool)")
     in_use, idle = pool.held_bytes()
     log(f"memory pool: {pool.hits} requests served from the pool, {pool.misses} new buffers; "
         f"holds {in_use / 2**20:.0f} MiB in use, {idle / 2**20:.0f} MiB idle")
     pool.release()
 
 
-def _pooled(call):
-    with memory_pool_on():
+def _unpooled(call):
+    with memory_pool(False):
         return call()
+
+
+def target_calls(smoke):
+    """({label: call}, (scan arrays, scan options)): scan fwd, scan fwd+bwd, linear_attn fwd,
+    linear_attn fwd+bwd at the target shapes, Numba device arrays in and out."""
+    from numba import cuda
+    from minilm.kernels.cuda import linear_attention as la
+    from minilm.kernels.cuda import selective_scan as scan
+    B, T, D, N = (1, 64, 16, 4) if smoke else (4, 4096, 1536, 16)
+    (arrays, options), _, dout = scan_device_inputs(B, T, D, N, 26)
+    B, H, L, d = (1, 2, 64, 8) if smoke else (2, 16, 16384, 64)
+    (q, k, v), _, do = la_inputs(B, H, L, d, d, np.float32, 27)
+    q, k, v, do = (cuda.to_device(x) for x in (q, k, v, do))
+    return {
+        "scan fwd": lambda: scan.forward(*arrays.values(), **options),
+        "scan fwd+bwd": lambda: scan.backward(dout, scan.forward(*arrays.values(), **options)[1]),
+        "linear_attn fwd": lambda: la.forward(q, k, v),
+        "linear_attn fwd+bwd": lambda: la.backward(do, la.forward(q, k, v)[1]),
+    }, (arrays, options)
 
 
 def section_host_profile(results, smoke, repeats=30):
@@ -592,21 +614,10 @@ def section_host_profile(results, smoke, repeats=30):
     import cProfile
     import pstats
     from numba import cuda
-    from minilm.kernels.cuda import linear_attention as la
     from minilm.kernels.cuda import selective_scan as scan
-    B, T, D, N = (1, 64, 16, 4) if smoke else (4, 4096, 1536, 16)
-    (arrays, options), _, dout = scan_device_inputs(B, T, D, N, 26)
-    B, H, L, d = (1, 2, 64, 8) if smoke else (2, 16, 16384, 64)
-    (q, k, v), _, do = la_inputs(B, H, L, d, d, np.float32, 27)
-    q, k, v, do = (cuda.to_device(x) for x in (q, k, v, do))
-    calls = {
-        "scan fwd": lambda: scan.forward(*arrays.values(), **options),
-        "scan fwd+bwd": lambda: scan.backward(dout, scan.forward(*arrays.values(), **options)[1]),
-        "linear_attn fwd": lambda: la.forward(q, k, v),
-        "linear_attn fwd+bwd": lambda: la.backward(do, la.forward(q, k, v)[1]),
-    }
+    calls, (arrays, options) = target_calls(smoke)
     for label in ("scan fwd", "linear_attn fwd+bwd"):
-        calls[f"{label} (memory pool)"] = lambda call=calls[label]: _pooled(call)
+        calls[f"{label} (no memory pool)"] = lambda call=calls[label]: _unpooled(call)
     try:
         import torch
         if torch.cuda.is_available():
@@ -637,16 +648,73 @@ def section_host_profile(results, smoke, repeats=30):
             log(f"{row['own_us']:10.1f} {row['cumulative_us']:10.1f} {row['calls']:7.1f}  {row['function']}")
 
 
+@contextlib.contextmanager
+def kernel_events():
+    """with kernel_events() as launches: ... records a CUDA event before and after every kernel
+    launch (numba-cuda's CUDADispatcher.call) into launches: (kernel name, start, end)."""
+    from numba import cuda
+    from numba.cuda import dispatcher
+    launches = []
+    original = dispatcher.CUDADispatcher.call
+
+    def call(self, *args, **kwargs):
+        start, end = cuda.event(), cuda.event()
+        start.record()
+        result = original(self, *args, **kwargs)
+        end.record()
+        launches.append((self.py_func.__name__, start, end))
+        return result
+
+    dispatcher.CUDADispatcher.call = call
+    try:
+        yield launches
+    finally:
+        dispatcher.CUDADispatcher.call = original
+
+
+def section_kernel_times(results, smoke, repeats=7):
+    """The GPU time of each kernel of a call (events around every launch; median over repeats,
+    summed over a kernel's launches in the call) next to the call's own time: their difference is
+    the GPU waiting for the host. results["kernel_times"] gets one row per call."""
+    from numba import cuda
+    from minilm.kernels.cuda import _device
+    if _device.simulator_enabled():
+        log("(GPU time per kernel skipped: the simulator has no GPU clock)")
+        return
+    calls, _ = target_calls(smoke)
+    for label, call in calls.items():
+        call()
+        cuda.synchronize()
+        per_kernel, totals = {}, []
+        for _ in range(2 if smoke else repeats):
+            with kernel_events() as launches:
+                start, end = cuda.event(), cuda.event()
+                start.record()
+                call()
+                end.record()
+                end.synchronize()
+            totals.append(_event_ms(start, end, float("nan")))
+            summed = {}
+            for name, first, last in launches:
+                summed[name] = summed.get(name, 0.0) + _event_ms(first, last, float("nan"))
+            for name, ms in summed.items():
+                per_kernel.setdefault(name, []).append(ms)
+        kernels = {name: statistics.median(values) for name, values in per_kernel.items()}
+        row = {"call": label, "call_ms": statistics.median(totals), "kernels_ms": sum(kernels.values()), **kernels}
+        results.data["kernel_times"].append(row)
+        log(f"{label:<22} call {row['call_ms']:7.3f} ms   kernels {row['kernels_ms']:7.3f} ms   " +
+            "  ".join(f"{name} {ms:.3f}" for name, ms in kernels.items()))
+
+
 SWEEP = [  # scan block shapes, most promising first (chunk = segments x steps, same fwd and bwd);
            # registers and warps per multiprocessor for sm_90 from bench/cuda_registers.py
-    dict(),                                          # fwd 62 registers, 32 warps; bwd 64 (spills), 32 warps
-    dict(bwd_min_blocks=1),                          # bwd 108 registers, none spilled, 16 warps
-    dict(bwd_warp_sums=True),                        # bwd sums by shuffles: 64 registers (124 B spilled), 32 warps
-    dict(bwd_warp_sums=True, bwd_min_blocks=1),      # same, 128 registers, none spilled, 16 warps
-    dict(fwd_min_blocks=0),                          # fwd 68 registers, 24 warps
-    dict(fwd_min_blocks=5),                          # fwd 48 registers (16 B spilled), 40 warps
-    dict(bwd_segments=4, bwd_steps=16),              # bwd 256-thread blocks, 128 registers (60 B spilled), 16 warps
-    dict(fwd_store_steps=True, fwd_min_blocks=0),    # the forward as first measured: 109 registers, 16 warps
+    dict(),                                          # fwd 62 registers, 32 warps; bwd (warp sums) 64 (120 B spilled), 32 warps
+    dict(bwd_min_blocks=1),                          # bwd 128 registers (16 B spilled), 16 warps
+    dict(bwd_warp_sums=False),                       # bwd sums by shared-memory atomics: 64 (188 B spilled), 32 warps
+    dict(fwd_min_blocks=0),                          # fwd 90 registers, 16 warps
+    dict(fwd_min_blocks=5),                          # fwd 48 registers (24 B spilled), 40 warps
+    dict(bwd_segments=4, bwd_steps=16),              # bwd 256-thread blocks, 125 registers (256 B stack), 16 warps
+    dict(fwd_store_steps=True, fwd_min_blocks=0),    # the forward as first measured: 116 registers, 16 warps
     # other block shapes (the backward follows where it must: same chunk, threads within limits)
     dict(state_threads=4, states_per_thread=4, fwd_min_blocks=8, bwd_min_blocks=4),  # 128-thread fwd blocks
     dict(fwd_segments=8, fwd_steps=8, fwd_min_blocks=2),                           # 512-thread fwd blocks
@@ -654,9 +722,9 @@ SWEEP = [  # scan block shapes, most promising first (chunk = segments x steps, 
     dict(channels=4, fwd_min_blocks=8, bwd_min_blocks=4),                          # 1536 blocks of 128
 ]
 LA_SWEEP = [  # linear attention: (tile = chunk, register tile, launch bounds: blocks per SM or 0,
-              # tile products on float FMAs or tensor cores: off | 3xtf32 | tf32). FMA variants
-              # measured before (docs/kernels.md): launch bounds off, 8 x 8 register tiles, tile 32
-    (64, 4, 3, "off"), (64, 4, 3, "3xtf32"), (64, 4, 3, "tf32"), (64, 4, 0, "3xtf32"), (32, 4, 0, "3xtf32")]
+              # tile products on float FMAs or tensor cores: off | 3xtf32 | tf32). Measured before
+              # (docs/kernels.md): 8 x 8 register tiles, tile 32, tensor cores without launch bounds
+    (64, 4, 3, "off"), (64, 4, 3, "tf32"), (64, 4, 3, "3xtf32"), (64, 4, 0, "off")]
 
 
 def run_sweep(results, op, entries, configure, restore, forward, backward, L, until_s):
@@ -827,7 +895,7 @@ def section_summary(results):
             growth = last["ms"] / first["ms"]
             add(f"{op.replace('_', ' ')} L={short}->{long}: time growth / L growth", growth, float(long // short),
                 growth / (long // short), TARGETS["growth_over_L"], "lower", "ours")
-    for label in (" (torch in/out)", " (memory pool)"):     # the same targets, other kinds of output memory
+    for label in (" (torch in/out)", " (no memory pool)"):     # the same targets, other kinds of output memory
         scan_fwd = _ours(results, f"scan fwd{label}", 4096)
         if scan_fwd:
             add_vs_peer(f"scan fwd{label} L=4096: speed-up vs pscan (ms)", scan_fwd["ms"], ("mambapy", 4096),
@@ -936,6 +1004,7 @@ def main():
     results.section("torch tensors in and out", section_torch, args.smoke)
     results.section("memory pool", section_memory_pool, args.smoke)
     results.section("host time per call", section_host_profile, args.smoke)
+    results.section("GPU time per kernel", section_kernel_times, args.smoke)
     if not args.no_peers:
         results.section("peers", section_peers, args.smoke, args.peers_timeout)
     sweeps = args.sweeps.split(",")

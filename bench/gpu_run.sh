@@ -14,7 +14,7 @@
 set -uo pipefail
 out=${1:?usage: bash bench/gpu_run.sh OUT_DIR}
 smoke=()
-check_limit=430 scaling_limit=100        # seconds: with the wheels' install, under the 600 s of one call
+check_limit=390 scaling_limit=150        # seconds: with the wheels' install, under the 600 s of one call
 if [[ -n "${SMOKE:-}" ]]; then smoke=(--smoke); check_limit=1800; scaling_limit=900; fi   # the simulator is slow
 
 if compgen -G ".whl/*.whl" > /dev/null; then
@@ -28,10 +28,10 @@ export PYTHONUNBUFFERED=1 NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS=0
 mkdir -p "$out"
 
 if [[ -z "${SMOKE:-}" ]]; then
-    timeout 40 python3 bench/tensor_core_probe.py > "$out/tensor_core_probe.log" 2>&1
+    timeout 30 python3 bench/tensor_core_probe.py > "$out/tensor_core_probe.log" 2>&1
     echo "tensor_core_probe: exit status $?"
 fi
-timeout $check_limit python3 bench/gpu_check.py "${smoke[@]}" --out "$out/gpu" --peers-timeout 120 --sweep-until 320 \
+timeout $check_limit python3 bench/gpu_check.py "${smoke[@]}" --out "$out/gpu" --peers-timeout 120 --sweep-until 290 \
     > "$out/gpu_check.log" 2>&1
 echo "gpu_check: exit status $?"
 timeout $scaling_limit python3 bench/gpu_scaling.py "${smoke[@]}" --out "$out/scaling" --no-peers --numpy-max-L 0 \
