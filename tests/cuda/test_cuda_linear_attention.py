@@ -153,6 +153,25 @@ def test_tensor_core_settings_are_checked(dtype, tile, mode):
     assert (cuda_la.TILES[dtype], cuda_la.TENSOR_CORES[dtype]) == before
 
 
+@pytest.mark.parametrize("loads", [1, 3])
+def test_loads_in_flight_do_not_change_results(loads):
+    """A thread's tile loads go out `loads` at a time before their stores (LOADS): one at a time,
+    and three (a partial last batch of the 16 elements per thread at tile 8) give the reference's
+    results, feature map and decay included."""
+    cuda_la.set_tile("float32", 8, loads=loads)
+    (q, k, v), inputs = make_inputs(2, 1, 11, 9, 5, np.float32, 11, "step", True)
+    errors = run_and_compare(q, k, v, inputs, dict(feature_map="elu1"), np.float32, 11)
+    assert max(errors.values()) <= TOLERANCE[np.float32], errors
+
+
+@pytest.mark.parametrize("loads", [0, -1, 2.0])
+def test_loads_setting_is_checked(loads):
+    before = cuda_la.LOADS["float32"]
+    with pytest.raises(ValueError, match="loads"):
+        cuda_la.set_tile("float32", 8, loads=loads)
+    assert cuda_la.LOADS["float32"] == before
+
+
 def test_device_arrays_in_device_arrays_out():
     from numba import cuda
     (q, k, v), _ = make_inputs(1, 1, 6, 3, 2, np.float32, 5)

@@ -83,31 +83,37 @@ MIN_BLOCKS = {"float32": 3, "float64": 0}
 # kernel 1.10 ms on FMAs, 1.11 on 3xTF32, 1.02 on TF32); bench/gpu_check.py sweeps them.
 TENSOR_CORES = {"float32": "off", "float64": "off"}
 LAYOUTS = {"off": 0, "tf32": 1, "3xtf32": 2}       # the `layout` argument of _tile_mma
-# Elements of a tile one thread loads before storing them to shared memory (_load_tile): more loads
-# in flight; 8 or 16 spill registers under the launch bounds (sm_90), 4 do not.
-MAX_LOADS = 4
+# Elements of a tile one thread loads before storing them to shared memory (_load_tile), per dtype:
+# the loads in flight per thread. 1 is the plain loop (on an H200 it left the tile kernels at a
+# seventh of copy bandwidth); 8 or 16 spill registers under the launch bounds (sm_90), 4 do not.
+LOADS = {"float32": 4, "float64": 4}
 SCAN_THREADS = 256     # threads per block of the chunk scan and of the decay-gradient kernel
 SCAN_UNROLL = 4        # chunks whose increments the scan loads before folding them in (more loads in flight)
 
 
-def set_tile(dtype, tile, reg=None, min_blocks=None, tensor_cores=None):
+def set_tile(dtype, tile, reg=None, min_blocks=None, tensor_cores=None, loads=None):
     """Change the tile (= chunk length), and optionally the register tile, the launch bounds
-    (MIN_BLOCKS) and the tensor-core mode (TENSOR_CORES), used for `dtype`.
+    (MIN_BLOCKS), the tensor-core mode (TENSOR_CORES) and the loads in flight per thread (LOADS),
+    used for `dtype`.
 
     tile must be a multiple of 4 and of reg (of 16 on tensor cores). Returns the previous
-    (tile, reg, min_blocks, tensor_cores).
+    (tile, reg, min_blocks, tensor_cores, loads).
     """
     reg = REGS[dtype] if reg is None else reg
     min_blocks = MIN_BLOCKS[dtype] if min_blocks is None else min_blocks
     tensor_cores = TENSOR_CORES[dtype] if tensor_cores is None else tensor_cores
+    loads = LOADS[dtype] if loads is None else loads
     if tile % reg or tile % 4 or tile < reg:
         raise ValueError(f"tile must be a positive multiple of 4 and of reg={reg}, got {tile}")
+    if not isinstance(loads, int) or loads < 1:
+        raise ValueError(f"loads must be a positive int, got {loads!r}")
     if tensor_cores not in LAYOUTS:
         raise ValueError(f"tensor_cores must be one of {sorted(LAYOUTS)}, got {tensor_cores!r}")
     if tensor_cores != "off" and (dtype != "float32" or tile % 16):
         raise ValueError(f"tensor cores need float32 and a tile that is a multiple of 16, got {dtype}, {tile}")
-    previous = TILES[dtype], REGS[dtype], MIN_BLOCKS[dtype], TENSOR_CORES[dtype]
-    TILES[dtype], REGS[dtype], MIN_BLOCKS[dtype], TENSOR_CORES[dtype] = tile, reg, min_blocks, tensor_cores
+    previous = TILES[dtype], REGS[dtype], MIN_BLOCKS[dtype], TENSOR_CORES[dtype], LOADS[dtype]
+    TILES[dtype], REGS[dtype], MIN_BLOCKS[dtype], TENSOR_CORES[dtype], LOADS[dtype] = \
+        tile, reg, min_blocks, tensor_cores, loads
     return previous
 
 
@@ -179,15 +185,15 @@ if cuda is not None:
                 staged[u] = value
             for u in range(batch):
                 index = tid + _u32(first + u * threads)
-                r = _u32(index // TILE)
-                c = _u32(index % TILE)
-                value = staged[u]
-                if row0 + r < row_end and col0 + c < col_end:
-                    if fmap >= 0:
-                        value = _feature(value, fmap, one)
-                    if weighted:
-                        value = value * weights[r]
                 if index < size:
+                    r = _u32(index // TILE)
+                    c = _u32(index % TILE)
+                    value = staged[u]
+                    if row0 + r < row_end and col0 + c < col_end:
+                        if fmap >= 0:
+                            value = _feature(value, fmap, one)
+                        if weighted:
+                            value = value * weights[r]
                     if transpose:
                         dst[c, r] = value
                     else:
@@ -346,10 +352,10 @@ def _numba_type(dtype):
 
 def _kernels(dtype):
     name = np.dtype(dtype).name
-    key = (name, TILES[name], REGS[name], MIN_BLOCKS[name], TENSOR_CORES[name])
+    key = (name, TILES[name], REGS[name], MIN_BLOCKS[name], TENSOR_CORES[name], LOADS[name])
     if key not in _KERNELS:
         _KERNELS[key] = _make_kernels(_numba_type(dtype), TILES[name], REGS[name], MIN_BLOCKS[name],
-                                      LAYOUTS[TENSOR_CORES[name]])
+                                      LAYOUTS[TENSOR_CORES[name]], LOADS[name])
     return _KERNELS[key]
 
 
@@ -361,11 +367,10 @@ def tile_layout(tile, reg, layout):
     return 32 * (tile // 16) * (tile // width), 2, width // 4
 
 
-def _make_kernels(real, TILE, R, min_blocks, LAYOUT):
+def _make_kernels(real, TILE, R, min_blocks, LAYOUT, loads):
     PAD = TILE + 1
     THREADS, AR, AC = tile_layout(TILE, R, LAYOUT)
-    # elements of a tile each thread loads at once (_load_tile): all of its share, up to MAX_LOADS
-    LOADS = min(MAX_LOADS, -(-TILE * TILE // THREADS))
+    IN_FLIGHT = min(loads, -(-TILE * TILE // THREADS))     # a tile's loads per thread at once (_load_tile)
 
     @_device.jit_kernel(THREADS, min_blocks)
     def outer_kernel(xsrc, ysrc, g, out, chunk_decay, T, Dx, Dy, fmap, decay_mode, from_start, scale):
@@ -385,7 +390,7 @@ def _make_kernels(real, TILE, R, min_blocks, LAYOUT):
         s_gamma = cuda.shared.array(TILE, real)
         s_w = cuda.shared.array(TILE, real)
         acc = cuda.local.array((AR, AC), real)
-        staged = cuda.local.array(LOADS, real)      # see _load_tile
+        staged = cuda.local.array(IN_FLIGHT, real)  # see _load_tile
         _zero(acc, zero)
 
         t_first = chunk * TILE
@@ -428,7 +433,7 @@ def _make_kernels(real, TILE, R, min_blocks, LAYOUT):
         s_gamma = cuda.shared.array(TILE, real)
         acc_o = cuda.local.array((AR, AC), real)
         acc_a = cuda.local.array((AR, AC), real)
-        staged = cuda.local.array(LOADS, real)      # see _load_tile
+        staged = cuda.local.array(IN_FLIGHT, real)  # see _load_tile
         _zero(acc_o, zero)
         _zero(acc_a, zero)
 
@@ -513,7 +518,7 @@ def _make_kernels(real, TILE, R, min_blocks, LAYOUT):
         s_gamma = cuda.shared.array(TILE, real)
         s_db = cuda.shared.array(TILE, real)
         acc = cuda.local.array((AR, AC), real)
-        staged = cuda.local.array(LOADS, real)      # see _load_tile
+        staged = cuda.local.array(IN_FLIGHT, real)  # see _load_tile
         acc_q = cuda.local.array((AR, AC), real)
         _zero(acc, zero)
         _zero(acc_q, zero)
@@ -557,7 +562,7 @@ def _make_kernels(real, TILE, R, min_blocks, LAYOUT):
         s_gamma = cuda.shared.array(TILE, real)
         s_db = cuda.shared.array(TILE, real)
         acc = cuda.local.array((AR, AC), real)
-        staged = cuda.local.array(LOADS, real)      # see _load_tile
+        staged = cuda.local.array(IN_FLIGHT, real)  # see _load_tile
         acc_k = cuda.local.array((AR, AC), real)
         _zero(acc, zero)
         _zero(acc_k, zero)
@@ -600,7 +605,7 @@ def _make_kernels(real, TILE, R, min_blocks, LAYOUT):
         s_2 = cuda.shared.array((TILE, PAD), real)
         s_gamma = cuda.shared.array(TILE, real)
         acc = cuda.local.array((AR, AC), real)
-        staged = cuda.local.array(LOADS, real)      # see _load_tile
+        staged = cuda.local.array(IN_FLIGHT, real)  # see _load_tile
         acc_v = cuda.local.array((AR, AC), real)
         _zero(acc, zero)
         _zero(acc_v, zero)
