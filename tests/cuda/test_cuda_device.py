@@ -100,3 +100,42 @@ def test_memory_pool_setting_is_ignored_by_the_simulator(monkeypatch):
     _device.fill(out, 1.5)
     np.testing.assert_array_equal(array.copy_to_host(), np.arange(6))
     assert np.all(out.copy_to_host() == 1.5) and not _device._POOLS
+
+
+def test_host_wrappers_run_in_one_context(monkeypatch):
+    """in_one_context: on a device the wrapped host function runs inside one ensure_context block,
+    entered once and left on return and on error (a stand-in runtime records it here); under the
+    simulator it is a plain call. The kernels' forward and backward are wrapped."""
+    import contextlib
+    import importlib
+    events = []
+
+    class Runtime:
+        @contextlib.contextmanager
+        def ensure_context(self):
+            events.append("enter")
+            try:
+                yield
+            finally:
+                events.append("exit")
+
+    def work(x):
+        events.append("work")
+        if x < 0:
+            raise ValueError("x")
+        return 2 * x
+
+    wrapped = _device.in_one_context(work)
+    monkeypatch.setattr(_device, "simulator_enabled", lambda: True)
+    assert wrapped(3) == 6 and events == ["work"]
+    events.clear()
+    monkeypatch.setattr(_device, "simulator_enabled", lambda: False)
+    devices = importlib.import_module("numba.cuda.cudadrv.devices")
+    monkeypatch.setattr(devices, "_runtime", Runtime(), raising=False)
+    assert wrapped(3) == 6 and events == ["enter", "work", "exit"]
+    events.clear()
+    with pytest.raises(ValueError):
+        wrapped(-1)
+    assert events == ["enter", "work", "exit"]
+    for module in (cuda_la, cuda_scan):
+        assert module.forward.__wrapped__ and module.backward.__wrapped__

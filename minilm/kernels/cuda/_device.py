@@ -18,7 +18,7 @@ thread per CUDA thread: slow, but it checks the kernels where no GPU exists. It 
 import itertools
 import os
 import weakref
-from functools import partial
+from functools import partial, wraps
 
 import numpy as np
 
@@ -100,6 +100,22 @@ def jit_kernel(threads, min_blocks):
         except TypeError:
             pass
     return cuda.jit
+
+
+def in_one_context(host_function):
+    """Decorator for the kernels' host wrappers: everything the wrapper does (allocations, copies,
+    launches) runs inside one numba-cuda ensure_context block. Outside such a block every Numba
+    CUDA call asks the driver for the current context and looks up its Numba object again (the
+    host profile on an H200 put ~10 of those look-ups in each linear-attention forward); inside it
+    they find both cached. The simulator has no contexts."""
+    @wraps(host_function)
+    def wrapper(*args, **kwargs):
+        if cuda is None or simulator_enabled():
+            return host_function(*args, **kwargs)
+        from numba.cuda.cudadrv.devices import _runtime
+        with _runtime.ensure_context():
+            return host_function(*args, **kwargs)
+    return wrapper
 
 
 # ----------------------------------------------------------------------------------------------

@@ -735,6 +735,7 @@ def _grid_tiles(size, tile):
     return -(-size // tile)
 
 
+@_device.in_one_context
 def forward(q, k, v, causal=True, chunk_size=64, feature_map="identity", scale=None, normalize=False,
             log_decay=None, initial_state=None, return_state=False):
     """Causal linear attention on the GPU; same arguments and results as the reference op's forward
@@ -802,6 +803,7 @@ def _decay_input(log_decay, dtype, H):
     return g_d, DECAY_PER_STEP
 
 
+@_device.in_one_context
 def backward(do, cache):
     """Gradients (dq, dk, dv), or (dq, dk, dv, dlog_decay) when log_decay was given; results come
     back in the kind of do. No gradient flows into initial_state."""

@@ -808,6 +808,7 @@ def _dtype_name(array):
     return np.dtype(array.dtype).name
 
 
+@_device.in_one_context
 def forward(u, delta, A, Bm, Cm, D=None, z=None, delta_bias=None, delta_softplus=False, chunk_size=64,
             initial_state=None, return_state=False):
     """Selective scan on the GPU; same arguments and results as minilm.ops.selective_scan.forward.
@@ -858,6 +859,7 @@ def forward(u, delta, A, Bm, Cm, D=None, z=None, delta_bias=None, delta_softplus
     return out_user, cache
 
 
+@_device.in_one_context
 def backward(dout, cache):
     """Gradients (du, ddelta, dA, dBm, dCm, dD, dz, ddelta_bias), None where the input was None.
 
