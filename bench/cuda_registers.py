@@ -189,12 +189,12 @@ def rows_for_linear_attention(cc, ptxas):
     from minilm.kernels.cuda import linear_attention as la
     rows = []
     # the swept configurations, and the FMA variants an earlier sweep timed (docs/kernels.md)
-    configs = gpu_check.LA_SWEEP + [entry for entry in [(64, 4, 0, "off"), (64, 8, 0, "off"), (32, 4, 0, "off")]
-                                    if entry not in gpu_check.LA_SWEEP]
-    for tile, reg, min_blocks, tensor_cores in configs:
-        kernels = la._make_kernels(float32, tile, reg, min_blocks, la.LAYOUTS[tensor_cores])
+    earlier = [(64, 8, 0, "off", 4), (32, 4, 0, "off", 4)]
+    for tile, reg, min_blocks, tensor_cores, loads in gpu_check.LA_SWEEP + earlier:
+        kernels = la._make_kernels(float32, tile, reg, min_blocks, la.LAYOUTS[tensor_cores], loads)
         bounds = (kernels["threads"], min_blocks) if min_blocks else None
         config = f"tile={tile} reg={reg}" if tensor_cores == "off" else f"tile={tile} {tensor_cores}"
+        config += f" loads={loads}"
         for name, signature in la_signatures().items():
             rows.append(dict(kernel=f"linear attention {name}", config=config,
                              threads=kernels["threads"], launch_bounds=str(bounds) if bounds else "-",

@@ -722,9 +722,11 @@ SWEEP = [  # scan block shapes, most promising first (chunk = segments x steps, 
     dict(channels=4, fwd_min_blocks=8, bwd_min_blocks=4),                          # 1536 blocks of 128
 ]
 LA_SWEEP = [  # linear attention: (tile = chunk, register tile, launch bounds: blocks per SM or 0,
-              # tile products on float FMAs or tensor cores: off | 3xtf32 | tf32). Measured before
-              # (docs/kernels.md): 8 x 8 register tiles, tile 32, tensor cores without launch bounds
-    (64, 4, 3, "off"), (64, 4, 3, "tf32"), (64, 4, 3, "3xtf32"), (64, 4, 0, "off")]
+              # tile products on float FMAs or tensor cores: off | 3xtf32 | tf32, tile loads in flight
+              # per thread). Measured before (docs/kernels.md): 8 x 8 register tiles, tile 32, tensor
+              # cores without launch bounds
+    (64, 4, 3, "off", 4), (64, 4, 3, "off", 1), (64, 4, 3, "tf32", 4), (64, 4, 3, "3xtf32", 4),
+    (64, 4, 3, "off", 8), (64, 4, 0, "off", 4)]
 
 
 def run_sweep(results, op, entries, configure, restore, forward, backward, L, until_s):
@@ -781,13 +783,14 @@ def section_la_sweep(results, smoke, until_s):
     B, H, T, d = (1, 2, 64, 8) if smoke else (2, 16, 16384, 64)
     (q, k, v), _, do = la_inputs(B, H, T, d, d, np.float32, 23)
     q, k, v, do = (cuda.to_device(x) for x in (q, k, v, do))
-    default = la.TILES["float32"], la.REGS["float32"], la.MIN_BLOCKS["float32"], la.TENSOR_CORES["float32"]
+    default = (la.TILES["float32"], la.REGS["float32"], la.MIN_BLOCKS["float32"], la.TENSOR_CORES["float32"],
+               la.LOADS["float32"])
 
     def configure(entry):
         la.set_tile("float32", *entry)
-        return "tile={} reg={} min_blocks={} tensor_cores={}".format(*entry)
+        return "tile={} reg={} min_blocks={} tensor_cores={} loads={}".format(*entry)
 
-    entries = LA_SWEEP if not smoke else [(8, 4, 3, "off"), (8, 2, 0, "off")]
+    entries = LA_SWEEP if not smoke else [(8, 4, 3, "off", 4), (8, 4, 3, "off", 1), (8, 2, 0, "off", 4)]
     run_sweep(results, "linear_attn sweep fwd", entries, configure,
               lambda: la.set_tile("float32", *default), lambda: la.forward(q, k, v),
               lambda cache: la.backward(do, cache), T, until_s)
@@ -934,15 +937,18 @@ def section_summary(results):
         add_vs_peer(f"linear attn fwd+bwd L={best_la_both['L']}, best of sweep: ours / fla (ms)",
                     best_la_both["fwdbwd_ms"], ("fla_fwdbwd", best_la_both["L"]), TARGETS["la_fwdbwd_over_fla"],
                     "lower")
-    # tensor-core tiles on their own: 3xTF32 (float32 accuracy), and TF32, the precision of fla's fp32 tiles
-    for mode, tolerance in (("3xtf32", 1e-4), ("tf32", 2e-2)):
+    # sweep entries on their own: tensor-core tiles, 3xTF32 (float32 accuracy) and TF32 (the precision
+    # of fla's fp32 tiles), and the tile loads one at a time (as before LOADS)
+    for label, setting, tolerance in (("3xtf32 tiles", "tensor_cores=3xtf32", 1e-4),
+                                      ("tf32 tiles", "tensor_cores=tf32", 2e-2),
+                                      ("loads=1", "tensor_cores=off loads=1", 1e-4)):
         entries = [row for row in results.data["sweep"] if row["op"] == "linear_attn sweep fwd"
-                   and row["shape"].endswith(f"tensor_cores={mode}") and row["rel_error_vs_default"] <= tolerance]
+                   and f" {setting} " in f" {row['shape']} " and row["rel_error_vs_default"] <= tolerance]
         for key, op, peer_name, target in (("ms", "fwd", "fla_fwd", "la_fwd_over_fla"),
                                            ("fwdbwd_ms", "fwd+bwd", "fla_fwdbwd", "la_fwdbwd_over_fla")):
             row = min(entries, key=lambda entry: entry[key], default=None)
             if row:
-                add_vs_peer(f"linear attn {op} L={row['L']}, {mode} tiles: ours / fla (ms)", row[key],
+                add_vs_peer(f"linear attn {op} L={row['L']}, {label}: ours / fla (ms)", row[key],
                             (peer_name, row["L"]), TARGETS[target], "lower")
     results.data["summary"] = rows
     results.data["best_of_sweep"] = {"scan forward": best_scan and best_scan["shape"],
