@@ -38,8 +38,8 @@ Inside a chunk the scan is two-level, with the associative operator of the refer
      _segment_scan), with the state carried out of the previous chunk folded into the first
      segment, so that every segment learns the state it starts from;
   3. fix-up: each thread replays its steps from that state, h_t = a_t h_{t-1} + b_t (computing a_t
-     and b_t again, which needs 41 fewer registers per thread than keeping them; on an H200 the two
-     ran equally fast, see ScanConfig.fwd_store_steps and docs/kernels.md), and adds C_t h_t into y.
+     and b_t again, which needs 26 fewer registers per thread than keeping them; on an H200 keeping
+     them was no faster, see ScanConfig.fwd_store_steps and docs/kernels.md), and adds C_t h_t into y.
 
 The C-contraction y_t = Σ_n C_t h_t is a reduction over the state threads through shared memory.
 The only per-step state that reaches global memory is the state entering every chunk, `carries`
@@ -115,7 +115,7 @@ class ScanConfig:
     bwd_steps: int = 8
     fwd_min_blocks: int = 4     # 62 registers, none spilled (sm_90): 4 blocks, 32 warps per multiprocessor
     bwd_min_blocks: int = 2     # caps the backward's registers: 512 threads at 121 registers do not launch
-    fwd_store_steps: bool = False   # keeping a_t, b_t needs 109 registers, not 68 (sm_90, no launch bounds)
+    fwd_store_steps: bool = False   # keeping a_t, b_t needs 116 registers, not 90 (sm_90, no launch bounds)
     bwd_warp_sums: bool = True      # H200: backward 2.97 ms instead of 7.25 (B=4 L=4K D=1536 N=16)
 
     @property
@@ -177,6 +177,11 @@ if cuda is not None:
 def _rounds(segments):
     """Hillis-Steele rounds needed to scan `segments` elements: ceil(log2(segments))."""
     return max(0, math.ceil(math.log2(segments))) if segments > 1 else 0
+
+
+def _staged_rows(chunk, channels, states, threads):
+    """Rows of the `staged` local array _stage_inputs needs (its loads per thread, in pairs)."""
+    return -(-chunk * channels // threads) + -(-chunk * states // threads)
 
 
 def _numba_type(dtype):
@@ -423,13 +428,6 @@ if cuda is not None:
                 s_B[_u32(index // NP), _u32(index % NP)] = staged[per_channel + r, 0]
                 s_C[_u32(index // NP), _u32(index % NP)] = staged[per_channel + r, 1]
 
-
-def _staged_rows(chunk, channels, states, threads):
-    """Rows of the `staged` local array _stage_inputs needs (its loads per thread, in pairs)."""
-    return -(-chunk * channels // threads) + -(-chunk * states // threads)
-
-
-if cuda is not None:
     @cuda.jit(device=True)
     def _segment_scan(s_a, s_h, prod, h, seg, col0, lane, NPT, S, ROUNDS, reverse):
         """Inclusive Hillis-Steele scan of the segments' (Π a, h) pairs with ∘, across the block.
