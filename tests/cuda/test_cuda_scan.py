@@ -13,6 +13,7 @@ from minilm.ops import selective_scan as selective_scan_op
 
 cuda_scan = pytest.importorskip("minilm.kernels.cuda.selective_scan")
 from minilm.kernels.cuda import _device  # noqa: E402
+from minilm.kernels.cuda._device import cuda  # noqa: E402  (a global: the simulator swaps it in test kernels)
 from minilm.testing import numpy_reference
 
 reference = numpy_reference(selective_scan_op)
@@ -61,10 +62,11 @@ def relative_error(actual, expected):
     return float(np.max(np.abs(actual - expected)) / max(np.max(np.abs(expected)), 1e-30))
 
 
-def compare(B, T, D, N, dtype, seed, softplus=True, **flags):
+def compare(B, T, D, N, dtype, seed, softplus=True, a_scale=1.0, **flags):
     arrays, options = make_inputs(B, T, D, N, dtype, seed, **flags)
     if not softplus:
         arrays["delta"] = np.abs(arrays["delta"])
+    arrays["A"] = (a_scale * arrays["A"]).astype(dtype)
     kwargs = dict(options, delta_softplus=softplus, return_state=True)
     (out_ref, final_ref), cache_ref = reference.forward(*arrays.values(), mode="chunked", chunk_size=3, **kwargs)
     (out, final), cache = cuda_scan.forward(*arrays.values(), **kwargs)
@@ -96,6 +98,38 @@ def compare(B, T, D, N, dtype, seed, softplus=True, **flags):
 def test_matches_reference(blocks, B, T, D, N, dtype, seed, flags):
     blocks(SMALL)
     compare(B, T, D, N, dtype, seed, **flags)
+
+
+def test_exp2_of_the_float32_kernels_flushes_below_the_smallest_normal():
+    """exp2_for(float32) (ex2.approx.ftz on a GPU, emulated under the simulator) is 2^x down to
+    2^-126 and zero below it; float64 kernels get the exact exp2."""
+    from numba import float32, float64
+    from minilm.kernels.cuda import _exp2
+    assert _exp2.exp2_for(float32) is _exp2.exp2_flush and _exp2.exp2_for(float64) is _exp2.exp2_exact
+    x = np.array([3.5, 0.0, -1.0, -125.9, -126.0, -126.5, -149.0, -300.0], dtype=np.float32)
+
+    @cuda.jit
+    def kernel(x, out):
+        i = cuda.grid(1)
+        if i < x.size:
+            out[i] = _exp2.exp2_flush(x[i])
+
+    out = cuda.to_device(np.full_like(x, np.nan))
+    kernel[1, x.size](cuda.to_device(x), out)
+    exact = np.exp2(x.astype(np.float64))
+    np.testing.assert_allclose(out.copy_to_host(), np.where(exact >= 2.0 ** -126, exact, 0.0), rtol=1e-6)
+
+
+def test_decays_that_underflow_float32(blocks):
+    """|A| 15 times larger: over 3 % of the decays a_t = exp(Δ A) fall below 2^-126 (checked here),
+    where the float32 kernels flush them to zero and the reference keeps subnormals; results and
+    gradients still agree."""
+    arrays, options = make_inputs(2, 9, 3, 3, np.float32, 12)
+    step = np.logaddexp(0.0, arrays["delta"] + options["delta_bias"])          # softplus
+    decays = np.exp(step[..., None].astype(np.float64) * 15.0 * arrays["A"])
+    assert (decays < 2.0 ** -126).mean() > 0.03
+    blocks(SMALL)
+    compare(2, 9, 3, 3, np.float32, 12, a_scale=15.0)
 
 
 def test_segment_scan_with_several_rounds(blocks):
@@ -189,7 +223,6 @@ def test_warp_sums_fit_only_whole_aligned_lane_groups():
 
 def test_device_arrays_in_device_arrays_out(blocks):
     """Numba device arrays go in without a copy and come back as device arrays."""
-    from numba import cuda
     blocks(SMALL)
     arrays, options = make_inputs(1, 5, 2, 2, np.float32, 6)
     (out_ref, final_ref), cache_ref = reference.forward(*arrays.values(), return_state=True, **options)

@@ -6,6 +6,8 @@
                         use_memory_pool(): reuse the device memory of Numba arrays across calls
     _tensor_cores       tf32() and mma_tf32(): the TF32 tensor-core instruction through inline PTX
                         (emulated under the simulator), for linear attention's TENSOR_CORES modes
+    _exp2               exp2_for(dtype): the scan's decays 2^x, in float32 the bare hardware
+                        instruction (ex2.approx.ftz through inline PTX; emulated under the simulator)
 
 Each kernel module exposes available() -> (ok, reason), supports(**options) -> (ok, reason),
 forward(...) -> (out, cache) with cache["backend"] == "cuda", and backward(dout, cache). They run on
