@@ -28,7 +28,7 @@ export PYTHONUNBUFFERED=1 NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS=0
 mkdir -p "$out"
 
 if [[ -z "${SMOKE:-}" ]]; then
-    timeout 30 python3 bench/tensor_core_probe.py > "$out/tensor_core_probe.log" 2>&1
+    timeout 40 python3 bench/tensor_core_probe.py > "$out/tensor_core_probe.log" 2>&1
     echo "tensor_core_probe: exit status $?"
 fi
 timeout $check_limit python3 bench/gpu_check.py "${smoke[@]}" --out "$out/gpu" --peers-timeout 120 --sweep-until 290 \
