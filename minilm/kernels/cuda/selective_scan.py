@@ -219,13 +219,14 @@ def _make_forward_kernel(real, DG, NT, NPT, S, K, min_blocks, STORE_STEPS):
     THREADS = DG * NT * S
     ROUNDS = _rounds(S)
     STAGED = _staged_rows(CH, DG, NP, THREADS)
+    OUT_ROWS = -(-CH * DG // THREADS)     # outputs per thread and chunk
     exp2 = exp2_for(real)
 
     @_device.jit_kernel(THREADS, min_blocks)
     def forward_kernel(u, delta, A, Bm, Cm, Dskip, z, bias, h0, out, carries, final_state,
                        has_z, has_h0, softplus):
-        batch = cuda.blockIdx.y
-        d_first = cuda.blockIdx.x * DG
+        batch = _u32(cuda.blockIdx.y)
+        d_first = _u32(cuda.blockIdx.x * DG)
         tid = cuda.threadIdx.x
         # Shared-memory indices are unsigned: Numba then skips negative-index wraparound and the
         # compiler folds every access of the unrolled loops into base + constant offset.
@@ -299,8 +300,12 @@ def _make_forward_kernel(real, DG, NT, NPT, S, K, min_blocks, STORE_STEPS):
                 for j in range(NPT):
                     h[j] = zero
                     prod[j] = one
-                for k in range(K):
-                    t = row0 + _u32(k)
+                # A while loop on a 32-bit counter, not `for k in range(K)`: Numba lowers range() to
+                # a 64-bit iterator whose bookkeeping (~7 instructions per step in the sm_90 code, as
+                # many as the step's arithmetic) the compiler repeats in every unrolled copy.
+                k = _u32(0)
+                while k < K:
+                    t = row0 + k
                     step = s_step[t, lane]
                     step_u = s_step_u[t, lane]
                     for j in range(NPT):
@@ -311,6 +316,7 @@ def _make_forward_kernel(real, DG, NT, NPT, S, K, min_blocks, STORE_STEPS):
                             drive[k, j] = b
                         h[j] = a * h[j] + b
                         prod[j] = prod[j] * a
+                    k = _u32(k + 1)
                 # the carried state comes first: (1, carry) ∘ (Π a, h) = (Π a, Π a · carry + h)
                 if seg == 0:
                     for j in range(NPT):
@@ -330,8 +336,9 @@ def _make_forward_kernel(real, DG, NT, NPT, S, K, min_blocks, STORE_STEPS):
                 # 3. fix-up: replay the steps from the segment's true starting state
                 for j in range(NPT):
                     h[j] = carry_in[j]
-                for k in range(K):
-                    t = row0 + _u32(k)
+                k = _u32(0)
+                while k < K:
+                    t = row0 + k
                     y = zero
                     for j in range(NPT):
                         if STORE_STEPS:
@@ -343,15 +350,17 @@ def _make_forward_kernel(real, DG, NT, NPT, S, K, min_blocks, STORE_STEPS):
                         h[j] = a * h[j] + b
                         y += s_C[t, col0 + _u32(j)] * h[j]
                     s_y[t, nt, lane] = y
+                    k = _u32(k + 1)
                 cuda.syncthreads()
 
                 # y = Σ over state threads, then the skip connection and the gate
-                for index in range(tid, CH * DG, THREADS):
+                for r in range(OUT_ROWS):       # few and fixed: unrolled, no loop counter left
+                    index = _u32(tid + r * THREADS)
                     t_local = index // DG
                     ln = index % DG
-                    t = t_first + t_local
+                    t = _u32(t_first + t_local)
                     dd = d_first + ln
-                    if t < T and dd < channels:
+                    if index < CH * DG and t < T and dd < channels:
                         y = zero
                         for q in range(NT):
                             y += s_y[t_local, q, ln]
@@ -393,8 +402,8 @@ if cuda is not None:
         per_state = (CH * NP + threads - 1) // threads        # and for (B, C)
         for r in range(per_channel):
             index = tid + _u32(r * threads)
-            t = t_first + index // DG
-            dd = d_first + index % DG
+            t = _u32(t_first + index // DG)
+            dd = _u32(d_first + index % DG)
             step = zero
             value = zero
             if index < CH * DG and t < T and dd < channels:
@@ -404,8 +413,8 @@ if cuda is not None:
             staged[r, 1] = value
         for r in range(per_state):
             index = tid + _u32(r * threads)
-            t = t_first + index // NP
-            n = n_first + index % NP
+            t = _u32(t_first + index // NP)
+            n = _u32(n_first + index % NP)
             b_value = zero
             c_value = zero
             if index < CH * NP and t < T and n < N:
@@ -528,6 +537,8 @@ def _make_backward_kernel(real, DG, NT, NPT, S, K, min_blocks, WARP_SUMS=False):
     STAGED = _staged_rows(CH, DG, NP, THREADS)
     exp2 = exp2_for(real)
     NT_IN_WARP = min(NT, max(1, 32 // DG))      # state threads of one segment that share a warp
+    OUT_ROWS = -(-CH * DG // THREADS)           # (t, d) elements per thread and chunk
+    STATE_ROWS = -(-CH * NP // THREADS)         # (t, n) elements per thread and chunk
 
     @_device.jit_kernel(THREADS, min_blocks)
     def backward_kernel(dout, u, delta, A, Bm, Cm, Dskip, z, bias, carries,
@@ -606,7 +617,7 @@ def _make_backward_kernel(real, DG, NT, NPT, S, K, min_blocks, WARP_SUMS=False):
                 _stage_inputs(u, delta, bias, Bm, Cm, s_step, s_step_u, s_u, s_B, s_C,
                               batch, t_first, d_first, group * NP, softplus, threshold, zero, staged, THREADS)
                 _stage_output_grad(dout, z, s_dy, s_dB, s_dC, s_gB, s_gAh, s_y,
-                                   batch, t_first, d_first, has_z, zero, one)
+                                   batch, t_first, d_first, has_z, zero, one, THREADS)
                 for j in range(NPT):
                     n = group * NP + nt * NPT + j
                     if seg == 0:
@@ -710,12 +721,13 @@ def _make_backward_kernel(real, DG, NT, NPT, S, K, min_blocks, WARP_SUMS=False):
 
                 # per (t, d): du, dΔ, dz; per (t, n): dB, dC into global memory
                 last_group = group == n_groups - 1
-                for index in range(tid, CH * DG, THREADS):
+                for r in range(OUT_ROWS):
+                    index = _u32(tid + r * THREADS)
                     t_local = index // DG
                     ln = index % DG
-                    t = t_first + t_local
-                    dd = d_first + ln
-                    if t < T and dd < channels:
+                    t = _u32(t_first + t_local)
+                    dd = _u32(d_first + ln)
+                    if index < CH * DG and t < T and dd < channels:
                         gB = s_gB[t_local, ln]
                         gAh = s_gAh[t_local, ln]
                         y = s_y[t_local, ln]
@@ -746,12 +758,13 @@ def _make_backward_kernel(real, DG, NT, NPT, S, K, min_blocks, WARP_SUMS=False):
                             ddelta[batch, t, dd] = gAh
                             if has_z:
                                 dz[batch, t, dd] = y
-                for index in range(tid, CH * NP, THREADS):
+                for r in range(STATE_ROWS):
+                    index = _u32(tid + r * THREADS)
                     t_local = index // NP
                     nl = index % NP
-                    t = t_first + t_local
-                    n = group * NP + nl
-                    if t < T and n < N:
+                    t = _u32(t_first + t_local)
+                    n = _u32(group * NP + nl)
+                    if index < CH * NP and t < T and n < N:
                         cuda.atomic.add(dBm, (batch, t, n), s_dB[t_local, nl])
                         cuda.atomic.add(dCm, (batch, t, n), s_dC[t_local, nl])
 
@@ -771,35 +784,37 @@ def _make_backward_kernel(real, DG, NT, NPT, S, K, min_blocks, WARP_SUMS=False):
 if cuda is not None:
     @cuda.jit(device=True)
     def _stage_output_grad(dout, z, s_dy, s_dB, s_dC, s_gB, s_gAh, s_y, batch, t_first, d_first,
-                           has_z, zero, one):
-        """dy = dout · SiLU(z) (or dout) for one chunk into shared memory; zero the chunk's sums."""
+                           has_z, zero, one, threads):
+        """dy = dout · SiLU(z) (or dout) for one chunk into shared memory; zero the chunk's sums.
+        threads: the block's size, a compile-time constant (the loops are then unrolled)."""
         tid = cuda.threadIdx.x
-        threads = cuda.blockDim.x
         CH = s_dy.shape[0]
         DG = s_dy.shape[1]
         NP = s_dB.shape[1]
         T = dout.shape[1]
         channels = dout.shape[2]
-        for index in range(tid, CH * DG, threads):
+        for r in range((CH * DG + threads - 1) // threads):
+            index = _u32(tid + r * threads)
             t_local = index // DG
             ln = index % DG
-            t = t_first + t_local
-            dd = d_first + ln
+            t = _u32(t_first + t_local)
+            dd = _u32(d_first + ln)
             dy = zero
-            if t < T and dd < channels:
+            if index < CH * DG and t < T and dd < channels:
                 dy = dout[batch, t, dd]
                 if has_z:
                     gate = z[batch, t, dd]
                     dy = dy * gate * _sigmoid(gate, one)
-            s_dy[t_local, ln] = dy
-            s_gB[t_local, ln] = zero
-            s_gAh[t_local, ln] = zero
-            s_y[t_local, ln] = zero
-        for index in range(tid, CH * NP, threads):
-            t_local = index // NP
-            nl = index % NP
-            s_dB[t_local, nl] = zero
-            s_dC[t_local, nl] = zero
+            if index < CH * DG:
+                s_dy[t_local, ln] = dy
+                s_gB[t_local, ln] = zero
+                s_gAh[t_local, ln] = zero
+                s_y[t_local, ln] = zero
+        for r in range((CH * NP + threads - 1) // threads):
+            index = _u32(tid + r * threads)
+            if index < CH * NP:
+                s_dB[index // NP, index % NP] = zero
+                s_dC[index // NP, index % NP] = zero
 
 
 # ----------------------------------------------------------------------------------------------
