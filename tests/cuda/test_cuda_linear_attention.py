@@ -156,8 +156,8 @@ def test_tensor_core_settings_are_checked(dtype, tile, mode):
 @pytest.mark.parametrize("loads", [1, 3])
 def test_loads_in_flight_do_not_change_results(loads):
     """A thread's tile loads go out `loads` at a time before their stores (LOADS): one at a time,
-    and three (a partial last batch of the 16 elements per thread at tile 8) give the reference's
-    results, feature map and decay included."""
+    and three (rounded down to two, a divisor of the 16 elements per thread at tile 8) give the
+    reference's results, feature map and decay included."""
     cuda_la.set_tile("float32", 8, loads=loads)
     (q, k, v), inputs = make_inputs(2, 1, 11, 9, 5, np.float32, 11, "step", True)
     errors = run_and_compare(q, k, v, inputs, dict(feature_map="elu1"), np.float32, 11)

@@ -165,39 +165,44 @@ if cuda is not None:
         Each thread loads its next len(staged) elements into `staged` (a local array: registers)
         and only then stores them, so those loads are in flight together: a trip to memory per
         len(staged) elements, not per element (the compiler keeps a load behind a store to shared
-        memory that comes before it). threads: the block's size, a compile-time constant.
+        memory that comes before it). threads: the block's size, a compile-time constant that
+        divides TILE² (both are powers of two); len(staged) divides TILE² / threads.
+
+        A load outside the valid part reads the nearest valid element instead (row and column
+        clamped) and is replaced by zero when stored: no branch around the loads, so the address
+        arithmetic is shared by all of them. The indices are unsigned 32-bit: Numba then adds no
+        negative-index wraparound code to each access.
         """
         TILE = dst.shape[0]
         batch = staged.shape[0]
+        per_thread = TILE * TILE // threads
         heads = src.shape[1]
-        b = bh // heads
-        h = bh % heads
+        b = _u32(bh // heads)
+        h = _u32(bh % heads)
         tid = _u32(cuda.threadIdx.x)
-        size = TILE * TILE
-        for first in range(0, size, threads * batch):
+        last_row = _u32(row_end - 1)
+        last_col = _u32(col_end - 1)
+        for first in range(0, per_thread, batch):
             for u in range(batch):
-                index = tid + _u32(first + u * threads)
-                row = row0 + _u32(index // TILE)
-                col = col0 + _u32(index % TILE)
+                index = tid + _u32((first + u) * threads)
+                row = _u32(row0 + index // TILE)
+                col = _u32(col0 + index % TILE)
+                staged[u] = src[b, h, min(row, last_row), min(col, last_col)]
+            for u in range(batch):
+                index = tid + _u32((first + u) * threads)
+                r = _u32(index // TILE)
+                c = _u32(index % TILE)
                 value = one - one
-                if index < size and row < row_end and col < col_end:
-                    value = src[b, h, _u32(row), _u32(col)]
-                staged[u] = value
-            for u in range(batch):
-                index = tid + _u32(first + u * threads)
-                if index < size:
-                    r = _u32(index // TILE)
-                    c = _u32(index % TILE)
+                if _u32(row0 + r) <= last_row and _u32(col0 + c) <= last_col:
                     value = staged[u]
-                    if row0 + r < row_end and col0 + c < col_end:
-                        if fmap >= 0:
-                            value = _feature(value, fmap, one)
-                        if weighted:
-                            value = value * weights[r]
-                    if transpose:
-                        dst[c, r] = value
-                    else:
-                        dst[r, c] = value
+                    if fmap >= 0:
+                        value = _feature(value, fmap, one)
+                    if weighted:
+                        value = value * weights[r]
+                if transpose:
+                    dst[c, r] = value
+                else:
+                    dst[r, c] = value
 
     @cuda.jit(device=True)
     def _warp_origin(tid, tile):
@@ -370,7 +375,9 @@ def tile_layout(tile, reg, layout):
 def _make_kernels(real, TILE, R, min_blocks, LAYOUT, loads):
     PAD = TILE + 1
     THREADS, AR, AC = tile_layout(TILE, R, LAYOUT)
-    IN_FLIGHT = min(loads, -(-TILE * TILE // THREADS))     # a tile's loads per thread at once (_load_tile)
+    PER_THREAD = TILE * TILE // THREADS     # a tile's elements per thread (THREADS divides TILE²)
+    # a tile's loads per thread at once (_load_tile): at most `loads`, and a divisor of PER_THREAD
+    IN_FLIGHT = max(n for n in range(1, min(loads, PER_THREAD) + 1) if PER_THREAD % n == 0)
 
     @_device.jit_kernel(THREADS, min_blocks)
     def outer_kernel(xsrc, ysrc, g, out, chunk_decay, T, Dx, Dy, fmap, decay_mode, from_start, scale):
