@@ -544,8 +544,8 @@ def _make_backward_kernel(real, DG, NT, NPT, S, K, min_blocks, WARP_SUMS=False):
     def backward_kernel(dout, u, delta, A, Bm, Cm, Dskip, z, bias, carries,
                         du, ddelta, dz, dA, dBm, dCm, dD, dbias,
                         has_z, softplus):
-        batch = cuda.blockIdx.y
-        d_first = cuda.blockIdx.x * DG
+        batch = _u32(cuda.blockIdx.y)
+        d_first = cuda.blockIdx.x * DG     # signed: unsigned spills 20 B more under the 64-register cap (sm_90)
         tid = cuda.threadIdx.x
         lane = _u32(tid % DG)            # unsigned shared-memory indices, as in the forward
         nt = _u32((tid // DG) % NT)
