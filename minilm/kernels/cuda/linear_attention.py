@@ -254,11 +254,13 @@ if cuda is not None:
         stride = TILE // acc.shape[0]
         ty = _u32(tid // stride)
         tx = _u32(tid % stride)
-        for m in range(0, TILE, 4):     # four steps per iteration, written out: less loop bookkeeping
-            _mma_step(acc, left, right, ty, tx, _u32(m))
+        m = _u32(0)
+        while m < TILE:     # four steps per iteration, written out, on a 32-bit counter: less loop bookkeeping
+            _mma_step(acc, left, right, ty, tx, m)
             _mma_step(acc, left, right, ty, tx, _u32(m + 1))
             _mma_step(acc, left, right, ty, tx, _u32(m + 2))
             _mma_step(acc, left, right, ty, tx, _u32(m + 3))
+            m = _u32(m + 4)
 
     @cuda.jit(device=True)
     def _tile_mma_tensor_cores(acc, left, right, tid, layout):
