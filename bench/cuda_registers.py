@@ -9,7 +9,7 @@ warps can hide. A kernel that walks a long sequence chunk by chunk, as the scan 
 Where cuobjdump and nvdisasm are at hand, the machine code (SASS) is read too, for SASS_COUNTS:
 compare-and-swap loops (ATOMS.CAST.SPIN: a float atomic add on shared memory compiles to one, and
 it goes round once more for every lane of the warp that hits the same address), warp shuffles,
-tensor-core HMMA and float32 FFMA instructions.
+tensor-core HMMA and float32 FFMA instructions, and all instructions.
 
     pip install numba-cuda nvidia-cuda-nvcc-cu12 nvidia-cuda-nvrtc-cu12    # the compilers, no driver needed
     pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm                   # optional: the SASS counts
@@ -107,7 +107,8 @@ def compile_resources(kernel, signature, cc, ptxas, launch_bounds=None):
 SASS_COUNTS = {"cas_loops": r"ATOMS\.CAST\.SPIN",   # compare-and-swap loops: float atomic adds on shared memory
                "shuffles": r"\bSHFL\.",              # warp shuffles
                "tensor_mma": r"\bHMMA\.",            # tensor-core matrix multiply-adds
-               "ffma": r"\bFFMA\b"}                  # float32 fused multiply-adds
+               "ffma": r"\bFFMA\b",                 # float32 fused multiply-adds
+               "instructions": r"/\*[0-9a-f]{4,}\*/"}  # all of them (each line of code starts /*address*/)
 
 
 def machine_code_counts(cubin):
@@ -248,7 +249,8 @@ def main():
         if row["error"]:          # e.g. more than the 48 KiB of static shared memory a kernel may have
             row["blocks_per_sm"], row["warps_per_sm"], row["limited_by"] = 0, 0, "does not build"
     columns = ["kernel", "config", "threads", "launch bounds", "registers", "spill st/ld B", "stack B",
-               "shared KiB", "blocks/SM", "warps/SM", "limited by", "CAS loops", "shuffles", "HMMA", "FFMA"]
+               "shared KiB", "blocks/SM", "warps/SM", "limited by", "CAS loops", "shuffles", "HMMA", "FFMA",
+               "instructions"]
     table = [[row["kernel"], row["config"], row["threads"], row["launch_bounds"], row["registers"],
               f"{row['spill_store_bytes']}/{row['spill_load_bytes']}", row["stack_bytes"], row["shared_bytes"] / 1024,
               row["blocks_per_sm"], row["warps_per_sm"], row["limited_by"],
@@ -257,8 +259,8 @@ def main():
                        notes=[f"per multiprocessor: {REGISTERS_PER_SM} registers, {THREADS_PER_SM} threads, "
                               f"{shared_per_sm(cc) // 1024} KiB shared memory",
                               "CAS loops: float atomic adds on shared memory (ATOMS.CAST.SPIN in the SASS; "
-                              "'-': no cuobjdump/nvdisasm); shuffles, HMMA (tensor cores), FFMA: instructions "
-                              "in the machine code, not executions"]))
+                              "'-': no cuobjdump/nvdisasm); shuffles, HMMA (tensor cores), FFMA, instructions: "
+                              "instructions in the machine code, not executions"]))
     os.makedirs(args.out, exist_ok=True)
     write_csv(os.path.join(args.out, "registers.csv"), rows)
     with open(os.path.join(args.out, "registers.json"), "w") as f:

@@ -38,8 +38,8 @@ Inside a chunk the scan is two-level, with the associative operator of the refer
      _segment_scan), with the state carried out of the previous chunk folded into the first
      segment, so that every segment learns the state it starts from;
   3. fix-up: each thread replays its steps from that state, h_t = a_t h_{t-1} + b_t (computing a_t
-     and b_t again, which needs 28 fewer registers per thread than keeping them; on an H200 keeping
-     them was no faster, see ScanConfig.fwd_store_steps and docs/kernels.md), and adds C_t h_t into y.
+     and b_t again, which needs fewer registers per thread than keeping them, 94 against 106 on sm_90
+     without launch bounds; on an H200 keeping them was no faster, see ScanConfig.fwd_store_steps and docs/kernels.md), and adds C_t h_t into y.
 
 The C-contraction y_t = Σ_n C_t h_t is a reduction over the state threads through shared memory.
 The only per-step state that reaches global memory is the state entering every chunk, `carries`
@@ -114,9 +114,9 @@ class ScanConfig:
     fwd_steps: int = 16
     bwd_segments: int = 8
     bwd_steps: int = 8
-    fwd_min_blocks: int = 4     # 62 registers, none spilled (sm_90): 4 blocks, 32 warps per multiprocessor
+    fwd_min_blocks: int = 4     # 63 registers, none spilled (sm_90): 4 blocks, 32 warps per multiprocessor
     bwd_min_blocks: int = 2     # caps the backward's registers: 512 threads at 121 registers do not launch
-    fwd_store_steps: bool = False   # keeping a_t, b_t needs 118 registers, not 90 (sm_90, no launch bounds)
+    fwd_store_steps: bool = False   # keeping a_t, b_t needs 106 registers, not 94 (sm_90, no launch bounds)
     bwd_warp_sums: bool = True      # H200: backward 2.97 ms instead of 7.25 (B=4 L=4K D=1536 N=16)
 
     @property
