@@ -39,7 +39,8 @@ Inside a chunk the scan is two-level, with the associative operator of the refer
      segment, so that every segment learns the state it starts from;
   3. fix-up: each thread replays its steps from that state, h_t = a_t h_{t-1} + b_t (computing a_t
      and b_t again, which needs fewer registers per thread than keeping them, 94 against 106 on sm_90
-     without launch bounds; on an H200 keeping them was no faster, see ScanConfig.fwd_store_steps and docs/kernels.md), and adds C_t h_t into y.
+     without launch bounds; on an H200 keeping them was no faster, see ScanConfig.fwd_store_steps
+     and docs/kernels.md), and adds C_t h_t into y.
 
 The C-contraction y_t = Σ_n C_t h_t is a reduction over the state threads through shared memory.
 The only per-step state that reaches global memory is the state entering every chunk, `carries`
