@@ -169,9 +169,10 @@ if cuda is not None:
         divides TILE² (both are powers of two); len(staged) divides TILE² / threads.
 
         A load outside the valid part reads the nearest valid element instead (row and column
-        clamped) and is replaced by zero when stored: no branch around the loads, so the address
-        arithmetic is shared by all of them. The indices are unsigned 32-bit: Numba then adds no
-        negative-index wraparound code to each access.
+        clamped: the valid part is never empty, row_end > row0 and col_end > col0, since the ops
+        reject T = 0 and empty feature dimensions) and is replaced by zero when stored: no branch
+        around the loads, so the address arithmetic is shared by all of them. The indices are
+        unsigned 32-bit: Numba then adds no negative-index wraparound code to each access.
         """
         TILE = dst.shape[0]
         batch = staged.shape[0]
