@@ -271,7 +271,8 @@ if cuda is not None:
         row0, col0 = _warp_origin(tid, TILE)
         g = _u32((tid % 32) // 4)
         t = _u32(tid % 4)
-        for k in range(0, TILE, 8):
+        k = _u32(0)
+        while k < TILE:     # a 32-bit counter, as in _tile_mma
             a0 = left[row0 + g, k + t]
             a1 = left[row0 + g + 8, k + t]
             a2 = left[row0 + g, k + t + 4]
@@ -289,6 +290,7 @@ if cuda is not None:
                     d0, d1, d2, d3 = mma_tf32(h0, h1, h2, h3, tf32(b0 - hb0), tf32(b1 - hb1), d0, d1, d2, d3)
                 d0, d1, d2, d3 = mma_tf32(h0, h1, h2, h3, hb0, hb1, d0, d1, d2, d3)
                 acc[0, 2 * n], acc[0, 2 * n + 1], acc[1, 2 * n], acc[1, 2 * n + 1] = d0, d1, d2, d3
+            k = _u32(k + 8)
 
     @cuda.jit(device=True)
     def _mma_step(acc, left, right, ty, tx, m):
