@@ -181,9 +181,14 @@ def _rounds(segments):
     return max(0, math.ceil(math.log2(segments))) if segments > 1 else 0
 
 
+def _rows_per_thread(elements, threads):
+    """How many of `elements` one thread handles when `threads` threads share them in turn."""
+    return -(-elements // threads)
+
+
 def _staged_rows(chunk, channels, states, threads):
     """Rows of the `staged` local array _stage_inputs needs (its loads per thread, in pairs)."""
-    return -(-chunk * channels // threads) + -(-chunk * states // threads)
+    return _rows_per_thread(chunk * channels, threads) + _rows_per_thread(chunk * states, threads)
 
 
 def _numba_type(dtype):
@@ -220,7 +225,7 @@ def _make_forward_kernel(real, DG, NT, NPT, S, K, min_blocks, STORE_STEPS):
     THREADS = DG * NT * S
     ROUNDS = _rounds(S)
     STAGED = _staged_rows(CH, DG, NP, THREADS)
-    OUT_ROWS = -(-CH * DG // THREADS)     # outputs per thread and chunk
+    OUT_ROWS = _rows_per_thread(CH * DG, THREADS)     # outputs per thread and chunk
     exp2 = exp2_for(real)
 
     @_device.jit_kernel(THREADS, min_blocks)
@@ -538,8 +543,8 @@ def _make_backward_kernel(real, DG, NT, NPT, S, K, min_blocks, WARP_SUMS=False):
     STAGED = _staged_rows(CH, DG, NP, THREADS)
     exp2 = exp2_for(real)
     NT_IN_WARP = min(NT, max(1, 32 // DG))      # state threads of one segment that share a warp
-    OUT_ROWS = -(-CH * DG // THREADS)           # (t, d) elements per thread and chunk
-    STATE_ROWS = -(-CH * NP // THREADS)         # (t, n) elements per thread and chunk
+    OUT_ROWS = _rows_per_thread(CH * DG, THREADS)     # (t, d) elements per thread and chunk
+    STATE_ROWS = _rows_per_thread(CH * NP, THREADS)   # (t, n) elements per thread and chunk
 
     @_device.jit_kernel(THREADS, min_blocks)
     def backward_kernel(dout, u, delta, A, Bm, Cm, Dskip, z, bias, carries,
