@@ -708,7 +708,7 @@ def section_kernel_times(results, smoke, repeats=7):
 
 SWEEP = [  # scan block shapes, most promising first (chunk = segments x steps, same fwd and bwd);
            # registers and warps per multiprocessor for sm_90 from bench/cuda_registers.py
-    dict(),                                          # fwd 63 registers, 32 warps; bwd (warp sums) 64 (116 B spilled), 32 warps
+    dict(),                                          # fwd 63 registers, 32 warps; bwd (warp sums) 64 (76 B spilled), 32 warps
     dict(bwd_min_blocks=1),                          # bwd 128 registers (none spilled), 16 warps
     dict(bwd_warp_sums=False),                       # bwd sums by shared-memory atomics: 64 (184 B spilled), 32 warps
     dict(fwd_min_blocks=0),                          # fwd 94 registers, 16 warps

@@ -132,8 +132,8 @@ def test_decays_that_underflow_float32(blocks):
     compare(2, 9, 3, 3, np.float32, 12, a_scale=15.0)
 
 
-def test_segment_scan_with_several_rounds(blocks):
-    """Four segments per chunk: the segment scan takes two Hillis-Steele rounds each way."""
+def test_segment_scan_over_four_segments(blocks):
+    """Four segments per chunk: the last segment folds three aggregates, forward and in reverse."""
     blocks(FOUR_SEGMENTS)
     compare(1, 7, 2, 2, np.float64, 5)
 
@@ -183,7 +183,7 @@ def warp_shuffles(monkeypatch):
 @pytest.mark.parametrize("shape, B, T, D, N, dtype", [
     # 4 channels x 4 state threads x 2 segments: one warp; two state groups (N = 5)
     (dict(channels=4, state_threads=4, states_per_thread=1), 1, 6, 5, 5, np.float64),
-    # 8 x 8 x 2: a segment's state threads span two warps, whose partial sums meet in atomics
+    # 8 x 8 x 2: a segment's state threads span two warps, each storing its partial sums in a slot
     (dict(channels=8, state_threads=8, states_per_thread=1), 1, 6, 9, 8, np.float32),
     # 3 state threads: a layout the shuffles cannot serve, so the atomics run instead
     (dict(channels=8, state_threads=3, states_per_thread=1), 1, 5, 3, 3, np.float64),
@@ -219,6 +219,7 @@ def test_warp_sums_fit_only_whole_aligned_lane_groups():
     assert not cuda_scan._warp_sums_fit(6, 4, 96)        # channels not a power of two
     assert not cuda_scan._warp_sums_fit(2, 2, 8)         # a partial warp
     assert not cuda_scan._warp_sums_fit(64, 1, 64)       # channel lanes wider than a warp
+    assert not cuda_scan._warp_sums_fit(16, 8, 256)      # state threads over four warps: four slots
 
 
 def test_device_arrays_in_device_arrays_out(blocks):

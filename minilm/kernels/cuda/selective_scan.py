@@ -34,9 +34,9 @@ Inside a chunk the scan is two-level, with the associative operator of the refer
 
   1. each thread scans its own STEPS steps from h = 0 in registers, keeping a_t and b_t;
      its segment's aggregate is (Π a_t, h_local);
-  2. the segments' aggregates are scanned across threads in shared memory (Hillis-Steele,
-     _segment_scan), with the state carried out of the previous chunk folded into the first
-     segment, so that every segment learns the state it starts from;
+  2. every segment folds the aggregates of the segments before it, read from shared memory
+     (_segment_scan); the first one holds the state carried out of the previous chunk, so every
+     segment learns the state it starts from;
   3. fix-up: each thread replays its steps from that state, h_t = a_t h_{t-1} + b_t (computing a_t
      and b_t again, which needs fewer registers per thread than keeping them, 94 against 106 on sm_90
      without launch bounds; on an H200 keeping them was no faster, see ScanConfig.fwd_store_steps
@@ -50,8 +50,8 @@ first step into the chunk before it: the a_{t+1} shift across the boundary), and
 off (g_t, h_t). dB and dC (sums over channels) are added with atomics, first into shared-memory
 tiles and then, once per chunk, into float32/float64 global buffers; dA, dD and ddelta_bias too.
 The backward is therefore not bit-for-bit deterministic. With ScanConfig.bwd_warp_sums the sums
-over a warp's lanes are taken by shuffles first (_xor_sum), leaving one uncontended shared-memory
-add (or a plain store) per sum.
+over a warp's lanes are taken by shuffles first (_xor_sum), and each warp stores its sums in shared
+memory with plain stores (the sums over state threads in a slot of its own, added in the epilogue).
 
 When N exceeds the states one block holds at a time (STATE_THREADS × STATES_PER_THREAD), the block
 walks the states in groups, adding each group's partial sums into the output buffers.
@@ -105,8 +105,10 @@ class ScanConfig:
                                and of Σ_n g B, Σ_n g A a h, Σ_n C h (over a warp's state threads) with
                                warp shuffles, instead of shared-memory atomics on one address per
                                lane group (on sm_90 a float atomic on shared memory is a compare-and-
-                               swap loop, retried once per colliding lane). Used where the layout
-                               allows it (channels and state threads powers of two, whole warps)
+                               swap loop, retried once per colliding lane); each warp then stores
+                               its sums with no atomic at all. Used where the layout allows it
+                               (channels and state threads powers of two, whole warps, a
+                               segment's state threads in at most two warps)
     """
     channels: int = 8
     state_threads: int = 8
@@ -176,11 +178,6 @@ if cuda is not None:
         return e / (one + e)
 
 
-def _rounds(segments):
-    """Hillis-Steele rounds needed to scan `segments` elements: ceil(log2(segments))."""
-    return max(0, math.ceil(math.log2(segments))) if segments > 1 else 0
-
-
 def _rows_per_thread(elements, threads):
     """How many of `elements` one thread handles when `threads` threads share them in turn."""
     return -(-elements // threads)
@@ -223,7 +220,6 @@ def _make_forward_kernel(real, DG, NT, NPT, S, K, min_blocks, STORE_STEPS):
     NP = NT * NPT                # states handled per pass over the sequence
     CH = S * K                   # steps per chunk
     THREADS = DG * NT * S
-    ROUNDS = _rounds(S)
     STAGED = _staged_rows(CH, DG, NP, THREADS)
     OUT_ROWS = _rows_per_thread(CH * DG, THREADS)     # outputs per thread and chunk
     exp2 = exp2_for(real)
@@ -257,9 +253,8 @@ def _make_forward_kernel(real, DG, NT, NPT, S, K, min_blocks, STORE_STEPS):
         s_u = cuda.shared.array((CH, DG), real)         # u_t
         s_B = cuda.shared.array((CH, NP), real)
         s_C = cuda.shared.array((CH, NP), real)
-        # segment aggregates (Π a, h), two buffers for the rounds of the segment scan
-        s_scan_a = cuda.shared.array((2, S, NP, DG), real)
-        s_scan_h = cuda.shared.array((2, S, NP, DG), real)
+        s_scan_a = cuda.shared.array((S, NP, DG), real)   # segment aggregates (Π a, h)
+        s_scan_h = cuda.shared.array((S, NP, DG), real)
         s_carry = cuda.shared.array((NP, DG), real)     # state entering the current chunk
         s_y = cuda.shared.array((CH, NT, DG), real)     # Σ_n C h per state thread, summed below
         s_zero = cuda.shared.array(1, _u32)             # 0, re-read every chunk (see the backward)
@@ -329,10 +324,8 @@ def _make_forward_kernel(real, DG, NT, NPT, S, K, min_blocks, STORE_STEPS):
                         h[j] = prod[j] * carry_in[j] + h[j]
 
                 # 2. scan of the segment aggregates across the block
-                last = _segment_scan(s_scan_a, s_scan_h, prod, h, seg, col0, lane, NPT, S, ROUNDS, False)
+                _segment_scan(s_scan_a, s_scan_h, prod, h, carry_in, seg, col0, lane, NPT, S, False)
                 for j in range(NPT):
-                    if seg > 0:
-                        carry_in[j] = s_scan_h[last, seg - _u32(1), col0 + _u32(j), lane]
                     if seg == S - 1:
                         s_carry[col0 + _u32(j), lane] = h[j]      # the state entering the next chunk
                         n = group * NP + nt * NPT + j
@@ -446,39 +439,35 @@ if cuda is not None:
                 s_C[_u32(index // NP), _u32(index % NP)] = staged[per_channel + r, 1]
 
     @cuda.jit(device=True)
-    def _segment_scan(s_a, s_h, prod, h, seg, col0, lane, NPT, S, ROUNDS, reverse):
-        """Inclusive Hillis-Steele scan of the segments' (Π a, h) pairs with ∘, across the block.
+    def _segment_scan(s_a, s_h, prod, h, entering, seg, col0, lane, NPT, S, reverse):
+        """Scan of the segments' aggregates (Π a, h) with ∘ across the block.
 
-        prod, h (NPT,) hold this thread's segment aggregate and receive its inclusive prefix.
-        Round r combines each segment with the one 2^r before it (after it when reverse: the
-        adjoint scan runs from the last segment to the first); the earlier element goes on the
-        left of ∘. Returns the index of the buffer holding the results.
+        Every thread stores its segment's aggregate (prod, h) (NPT,); after one barrier, each segment
+        folds the h parts of the segments before it in order, state ← a_p state + h_p (when reverse:
+        of the segments after it, from the last one back: the adjoint runs backwards in time).
+        The first segment's aggregate already holds the state carried into the chunk, so the fold
+        is the state entering the segment: it goes into entering (NPT,), for every segment but the
+        first, and h becomes the state leaving the segment, prod · entering + h.
+
+        The fold takes the last segment S - 2 dependent steps. For the 4 or 8 segments of a chunk
+        that is cheaper than a Hillis-Steele scan, whose log2(S) rounds each need a barrier and
+        whose rounds need two buffers: one barrier and one buffer here.
         """
         for j in range(NPT):
-            s_a[0, seg, col0 + _u32(j), lane] = prod[j]
-            s_h[0, seg, col0 + _u32(j), lane] = h[j]
+            s_a[seg, col0 + _u32(j), lane] = prod[j]
+            s_h[seg, col0 + _u32(j), lane] = h[j]
         cuda.syncthreads()
-        current = 0
-        offset = 1
-        for _ in range(ROUNDS):
-            if reverse:
-                has_partner = seg + offset < S
-                partner = _u32(seg + offset)
-            else:
-                has_partner = seg >= offset
-                partner = _u32(seg - offset) if has_partner else _u32(0)
+        first = _u32(S - 1) if reverse else _u32(0)
+        if seg != first:
             for j in range(NPT):
-                if has_partner:
-                    a_before = s_a[current, partner, col0 + _u32(j), lane]
-                    h_before = s_h[current, partner, col0 + _u32(j), lane]
-                    h[j] = prod[j] * h_before + h[j]     # (a1, h1) ∘ (a2, h2) = (a1 a2, a2 h1 + h2)
-                    prod[j] = a_before * prod[j]
-                s_a[1 - current, seg, col0 + _u32(j), lane] = prod[j]
-                s_h[1 - current, seg, col0 + _u32(j), lane] = h[j]
-            cuda.syncthreads()
-            current = 1 - current
-            offset *= 2
-        return current
+                entering[j] = s_h[first, col0 + _u32(j), lane]
+            for i in range(1, S - 1):      # a fixed trip count: unrolled, each step behind a guard
+                p = _u32(S - 1 - i) if reverse else _u32(i)
+                if (p > seg) if reverse else (p < seg):
+                    for j in range(NPT):
+                        entering[j] = s_a[p, col0 + _u32(j), lane] * entering[j] + s_h[p, col0 + _u32(j), lane]
+            for j in range(NPT):
+                h[j] = prod[j] * entering[j] + h[j]
 
     @cuda.jit(device=True)
     def _xor_sum(value, first, count):
@@ -492,16 +481,17 @@ if cuda is not None:
         return value
 
     @cuda.jit(device=True)
-    def _add_summed(dst, t, lane, value, summed, first, count, leader):
-        """dst[t, lane] += value from every thread by a shared-memory atomic; or, when summed, the
-        sum of value over `count` lanes first (_xor_sum(value, first, count)), added once, by the
-        leader of those lanes."""
+    def _add_summed(dst, slot, t, lane, value, summed, first, count, leader):
+        """dst[0, t, lane] += value from every thread by a shared-memory atomic; or, when summed, the
+        sum of value over `count` lanes first (_xor_sum(value, first, count)), which the leader of
+        those lanes stores in dst[slot, t, lane] (its warp's slot: no other thread writes there,
+        so a plain store does, with no compare-and-swap loop)."""
         if summed:
             value = _xor_sum(value, first, count)
             if leader:
-                cuda.atomic.add(dst, (t, lane), value)
+                dst[slot, t, lane] = value
         else:
-            cuda.atomic.add(dst, (t, lane), value)
+            cuda.atomic.add(dst, (0, t, lane), value)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -509,10 +499,13 @@ if cuda is not None:
 
 def _warp_sums_fit(channels, state_threads, threads):
     """Whether the shuffle sums of the backward can serve this layout: each group of channel lanes
-    and each warp's state threads must be whole, aligned groups of lanes of full warps."""
+    and each warp's state threads must be whole, aligned groups of lanes of full warps; and a
+    segment's state threads span at most two warps (each warp's sums get their own slot in shared
+    memory, and more slots would not fit beside the chunk's tiles)."""
     def power_of_two(x):
         return x > 0 and x & (x - 1) == 0
-    return power_of_two(channels) and channels <= 32 and power_of_two(state_threads) and threads % 32 == 0
+    return (power_of_two(channels) and channels <= 32 and power_of_two(state_threads) and threads % 32 == 0
+            and channels * state_threads <= 64)
 
 
 def backward_warp_sums(config, N):
@@ -539,10 +532,10 @@ def _make_backward_kernel(real, DG, NT, NPT, S, K, min_blocks, WARP_SUMS=False):
     NP = NT * NPT
     CH = S * K
     THREADS = DG * NT * S
-    ROUNDS = _rounds(S)
     STAGED = _staged_rows(CH, DG, NP, THREADS)
     exp2 = exp2_for(real)
     NT_IN_WARP = min(NT, max(1, 32 // DG))      # state threads of one segment that share a warp
+    SLOTS = NT // NT_IN_WARP if WARP_SUMS else 1     # partial sums over state threads per (t, d)
     OUT_ROWS = _rows_per_thread(CH * DG, THREADS)     # (t, d) elements per thread and chunk
     STATE_ROWS = _rows_per_thread(CH * NP, THREADS)   # (t, n) elements per thread and chunk
 
@@ -556,6 +549,8 @@ def _make_backward_kernel(real, DG, NT, NPT, S, K, min_blocks, WARP_SUMS=False):
         lane = _u32(tid % DG)            # unsigned shared-memory indices, as in the forward
         nt = _u32((tid // DG) % NT)
         seg = _u32(tid // (DG * NT))
+        slot = _u32(nt // NT_IN_WARP) if WARP_SUMS else _u32(0)     # this warp's slot of the sums
+        leader = nt % NT_IN_WARP == 0       # stores its warp's sums (WARP_SUMS)
         row0 = _u32(seg * K)
         col0 = _u32(nt * NPT)
         T = u.shape[1]
@@ -574,14 +569,15 @@ def _make_backward_kernel(real, DG, NT, NPT, S, K, min_blocks, WARP_SUMS=False):
         s_dy = cuda.shared.array((CH, DG), real)       # dL/dy = dout · SiLU(z)
         s_B = cuda.shared.array((CH, NP), real)
         s_C = cuda.shared.array((CH, NP), real)
-        s_scan_a = cuda.shared.array((2, S, NP, DG), real)
-        s_scan_h = cuda.shared.array((2, S, NP, DG), real)
+        s_scan_a = cuda.shared.array((S, NP, DG), real)
+        s_scan_h = cuda.shared.array((S, NP, DG), real)
         s_from_later = cuda.shared.array((NP, DG), real)   # a_t g_t of the next chunk's first step
         s_dB = cuda.shared.array((CH, NP), real)        # Σ over the block's channels, then atomics
         s_dC = cuda.shared.array((CH, NP), real)
-        s_gB = cuda.shared.array((CH, DG), real)        # Σ_n g B           (→ du, dΔ)
-        s_gAh = cuda.shared.array((CH, DG), real)       # Σ_n g A a h_{t-1} (→ dΔ)
-        s_y = cuda.shared.array((CH, DG), real)         # Σ_n C h           (→ dz)
+        # sums over the states, per warp (WARP_SUMS) or by atomics into slot 0; the epilogue adds the slots
+        s_gB = cuda.shared.array((SLOTS, CH, DG), real)     # Σ_n g B           (→ du, dΔ)
+        s_gAh = cuda.shared.array((SLOTS, CH, DG), real)    # Σ_n g A a h_{t-1} (→ dΔ)
+        s_y = cuda.shared.array((SLOTS, CH, DG), real)      # Σ_n C h           (→ dz)
         s_zero = cuda.shared.array(1, _u32)             # 0, re-read every chunk (see below)
         if tid == 0:
             s_zero[0] = 0
@@ -623,7 +619,7 @@ def _make_backward_kernel(real, DG, NT, NPT, S, K, min_blocks, WARP_SUMS=False):
                 _stage_inputs(u, delta, bias, Bm, Cm, s_step, s_step_u, s_u, s_B, s_C,
                               batch, t_first, d_first, group * NP, softplus, threshold, zero, staged, THREADS)
                 _stage_output_grad(dout, z, s_dy, s_dB, s_dC, s_gB, s_gAh, s_y,
-                                   batch, t_first, d_first, has_z, zero, one, THREADS)
+                                   batch, t_first, d_first, has_z, not WARP_SUMS, zero, one, THREADS)
                 for j in range(NPT):
                     n = group * NP + nt * NPT + j
                     if seg == 0:
@@ -650,10 +646,8 @@ def _make_backward_kernel(real, DG, NT, NPT, S, K, min_blocks, WARP_SUMS=False):
                 if seg == 0:
                     for j in range(NPT):
                         h[j] = prod[j] * h_start[j] + h[j]
-                last = _segment_scan(s_scan_a, s_scan_h, prod, h, seg, col0, lane, NPT, S, ROUNDS, False)
+                _segment_scan(s_scan_a, s_scan_h, prod, h, h_start, seg, col0, lane, NPT, S, False)
                 for j in range(NPT):
-                    if seg > 0:
-                        h_start[j] = s_scan_h[last, seg - _u32(1), col0 + _u32(j), lane]
                     h[j] = h_start[j]
                     prod[j] = one
                 for k in range(K):
@@ -664,8 +658,8 @@ def _make_backward_kernel(real, DG, NT, NPT, S, K, min_blocks, WARP_SUMS=False):
                         states[k, j] = h[j]
                         prod[j] = prod[j] * decay[k, j]
                         y += s_C[t, col0 + _u32(j)] * h[j]
-                    if has_z:         # Σ over state threads (with WARP_SUMS: this warp's first, one atomic)
-                        _add_summed(s_y, t, lane, y, WARP_SUMS, DG, NT_IN_WARP, nt % NT_IN_WARP == 0)
+                    if has_z:         # Σ over state threads (with WARP_SUMS: this warp's, into its slot)
+                        _add_summed(s_y, slot, t, lane, y, WARP_SUMS, DG, NT_IN_WARP, leader)
 
                 # adjoint, locally from a_{t+1} g_{t+1} = 0 at the segment's end:
                 # g_t = C_t dy_t + (a_{t+1} g_{t+1}); what leaves the segment is a_first g_first
@@ -682,10 +676,8 @@ def _make_backward_kernel(real, DG, NT, NPT, S, K, min_blocks, WARP_SUMS=False):
                     for j in range(NPT):
                         h[j] = prod[j] * later[j] + h[j]
                 cuda.syncthreads()    # everyone has read the forward scan's results
-                last = _segment_scan(s_scan_a, s_scan_h, prod, h, seg, col0, lane, NPT, S, ROUNDS, True)
+                _segment_scan(s_scan_a, s_scan_h, prod, h, later, seg, col0, lane, NPT, S, True)
                 for j in range(NPT):
-                    if seg < S - 1:
-                        later[j] = s_scan_h[last, seg + _u32(1), col0 + _u32(j), lane]
                     if seg == 0:
                         s_from_later[col0 + _u32(j), lane] = h[j]   # into the previous chunk
 
@@ -721,8 +713,8 @@ def _make_backward_kernel(real, DG, NT, NPT, S, K, min_blocks, WARP_SUMS=False):
                             cuda.atomic.add(s_dB, (t, nl), g * step_u)
                             cuda.atomic.add(s_dC, (t, nl), dy * states[k, j])
                         later[j] = decay[k, j] * g
-                    _add_summed(s_gB, t, lane, gB, WARP_SUMS, DG, NT_IN_WARP, nt % NT_IN_WARP == 0)
-                    _add_summed(s_gAh, t, lane, gAh, WARP_SUMS, DG, NT_IN_WARP, nt % NT_IN_WARP == 0)
+                    _add_summed(s_gB, slot, t, lane, gB, WARP_SUMS, DG, NT_IN_WARP, leader)
+                    _add_summed(s_gAh, slot, t, lane, gAh, WARP_SUMS, DG, NT_IN_WARP, leader)
                 cuda.syncthreads()
 
                 # per (t, d): du, dΔ, dz; per (t, n): dB, dC into global memory
@@ -734,9 +726,13 @@ def _make_backward_kernel(real, DG, NT, NPT, S, K, min_blocks, WARP_SUMS=False):
                     t = _u32(t_first + t_local)
                     dd = _u32(d_first + ln)
                     if index < CH * DG and t < T and dd < channels:
-                        gB = s_gB[t_local, ln]
-                        gAh = s_gAh[t_local, ln]
-                        y = s_y[t_local, ln]
+                        gB = zero
+                        gAh = zero
+                        y = zero
+                        for q in range(SLOTS):
+                            gB += s_gB[q, t_local, ln]
+                            gAh += s_gAh[q, t_local, ln]
+                            y += s_y[q, t_local, ln]
                         if group > 0:          # earlier state groups left their partial sums here
                             gB += du[batch, t, dd]
                             gAh += ddelta[batch, t, dd]
@@ -790,8 +786,9 @@ def _make_backward_kernel(real, DG, NT, NPT, S, K, min_blocks, WARP_SUMS=False):
 if cuda is not None:
     @cuda.jit(device=True)
     def _stage_output_grad(dout, z, s_dy, s_dB, s_dC, s_gB, s_gAh, s_y, batch, t_first, d_first,
-                           has_z, zero, one, threads):
-        """dy = dout · SiLU(z) (or dout) for one chunk into shared memory; zero the chunk's sums.
+                           has_z, zero_sums, zero, one, threads):
+        """dy = dout · SiLU(z) (or dout) for one chunk into shared memory; with zero_sums, zero the
+        chunk's sums (the atomics add into them; the warp sums store every element instead).
         threads: the block's size, a compile-time constant (the loops are then unrolled)."""
         tid = cuda.threadIdx.x
         CH = s_dy.shape[0]
@@ -813,14 +810,16 @@ if cuda is not None:
                     dy = dy * gate * _sigmoid(gate, one)
             if index < CH * DG:
                 s_dy[t_local, ln] = dy
-                s_gB[t_local, ln] = zero
-                s_gAh[t_local, ln] = zero
-                s_y[t_local, ln] = zero
-        for r in range((CH * NP + threads - 1) // threads):
-            index = _u32(tid + r * threads)
-            if index < CH * NP:
-                s_dB[index // NP, index % NP] = zero
-                s_dC[index // NP, index % NP] = zero
+                if zero_sums:
+                    s_gB[0, t_local, ln] = zero
+                    s_gAh[0, t_local, ln] = zero
+                    s_y[0, t_local, ln] = zero
+        if zero_sums:
+            for r in range((CH * NP + threads - 1) // threads):
+                index = _u32(tid + r * threads)
+                if index < CH * NP:
+                    s_dB[index // NP, index % NP] = zero
+                    s_dC[index // NP, index % NP] = zero
 
 
 # ----------------------------------------------------------------------------------------------
