@@ -164,6 +164,15 @@ def test_loads_in_flight_do_not_change_results(loads):
     assert max(errors.values()) <= TOLERANCE[np.float32], errors
 
 
+def test_odd_register_tile():
+    """With an odd register tile (here 1 x 1: 64 threads at tile 8) a thread's columns are strided,
+    not paired, and the tile rows have odd length (tile_row_stride); results are the reference's."""
+    cuda_la.set_tile("float32", 8, reg=1)
+    (q, k, v), inputs = make_inputs(1, 2, 13, 6, 7, np.float32, 12, "head", True)
+    errors = run_and_compare(q, k, v, inputs, dict(feature_map="relu"), np.float32, 12)
+    assert max(errors.values()) <= TOLERANCE[np.float32], errors
+
+
 @pytest.mark.parametrize("loads", [0, -1, 2.0])
 def test_loads_setting_is_checked(loads):
     before = cuda_la.LOADS["float32"]
@@ -203,3 +212,27 @@ def test_unsupported_options_raise():
     (q, k, v), _ = make_inputs(1, 1, 2, 2, 2, np.float32, 6)
     with pytest.raises(ValueError, match="normalize"):
         cuda_la.forward(q, k, v, normalize=True)
+
+
+def words_per_bank(addresses):
+    """Distinct 4-byte words a warp touches in its busiest shared-memory bank (32 banks): the
+    passes the access takes."""
+    banks = {}
+    for address in set(addresses):
+        banks.setdefault(address % 32, set()).add(address)
+    return max(len(words) for words in banks.values())
+
+
+@pytest.mark.parametrize("tile", [16, 32, 64])
+def test_tile_row_stride_spreads_fragment_loads_over_banks(tile):
+    """The tensor-core tiles' row length keeps a fragment load to one pass (left operand) or two
+    (right), where rows of tile + 1 words take up to four; the FMA tiles' rows are of even length
+    (8-byte pair loads) and a transposed store there takes at most two passes."""
+    lanes = [(lane // 4, lane % 4) for lane in range(32)]          # lane 4g + t
+    stride = cuda_la.tile_row_stride(tile, 4, 1)
+    assert words_per_bank([g * stride + t for g, t in lanes]) == 1           # left: row g, column t
+    assert words_per_bank([t * stride + g for g, t in lanes]) <= 2           # right: row t, column g
+    assert words_per_bank([g * (tile + 1) + t for g, t in lanes]) >= 2
+    fma = cuda_la.tile_row_stride(tile, 4, 0)
+    assert fma % 2 == 0 and cuda_la.tile_row_stride(tile, 3, 0) == tile + 1
+    assert words_per_bank([lane * fma for lane in range(32)]) <= 2          # transposed store

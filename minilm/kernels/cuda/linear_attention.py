@@ -158,7 +158,7 @@ if cuda is not None:
     @cuda.jit(device=True)
     def _load_tile(dst, src, bh, row0, row_end, col0, col_end, transpose, fmap, weights, weighted, one,
                    staged, threads):
-        """dst (TILE, TILE+1) <- src[b, h, row0 + r, col0 + c] (transposed: dst[c, r]), zero outside
+        """dst (TILE, PAD) <- src[b, h, row0 + r, col0 + c] (transposed: dst[c, r]), zero outside
         rows < row_end and cols < col_end, through the feature map fmap (-1: none), each row r times
         weights[r] when weighted. Consecutive threads read consecutive columns (coalesced).
 
@@ -225,11 +225,20 @@ if cuda is not None:
         return row0 + _u32((tid % 32) // 4) + _u32(8 * i)
 
     @cuda.jit(device=True)
+    def _fma_col(j, tx, R, stride):
+        """Column j of the R columns that threads tx own in the FMA layout (stride = TILE / R threads
+        per row): for an even R in neighbouring pairs, 2 tx and 2 tx + 1, then 2 stride further on,
+        ...; for an odd R tx, tx + stride, ..."""
+        if R % 2 == 0:
+            return _u32(2 * tx) + _u32(j % 2) + _u32((j // 2) * 2 * stride)
+        return tx + _u32(j * stride)
+
+    @cuda.jit(device=True)
     def _owned_col(j, tid, acc, tile, layout):
         """The column that column j of thread tid's accumulator acc holds."""
         if layout == 0:
             stride = tile // acc.shape[0]
-            return _u32(tid % stride) + _u32(j * stride)
+            return _fma_col(j, _u32(tid % stride), acc.shape[0], stride)
         _, col0 = _warp_origin(tid, tile)
         return col0 + _u32(8 * (j // 2)) + _u32(2 * (tid % 4)) + _u32(j % 2)
 
@@ -237,12 +246,15 @@ if cuda is not None:
     def _tile_mma(acc, left, right, tid, layout):
         """acc += left · right over the whole tile depth, for the part of the tile thread tid owns.
 
-        left, right (TILE, TILE+1) in shared memory; acc in registers. Two layouts:
+        left, right (TILE, PAD) in shared memory (tile_row_stride); acc in registers. Two layouts:
 
         layout 0, float FMAs: the (TILE/R)² threads form a grid; thread (ty, tx) owns the R × R
-        elements at rows ty, ty + TILE/R, ... and columns tx, tx + TILE/R, ... (strided, so a warp
-        reads consecutive columns of `right` and at most two rows of `left`: no bank conflicts
-        with the +1 padding); acc is (R, R).
+        elements at rows ty, ty + TILE/R, ... and, for an even R, columns 2 tx, 2 tx + 1, then
+        2 TILE/R further on, ... (_fma_col); acc is (R, R). A warp reads at most two rows of `left`
+        (broadcasts) and a stretch of a row of `right`. With rows of an even length
+        (tile_row_stride) the compiler pairs a thread's loads into 8-byte loads (LDS.64): two
+        steps of a row of `left`, two neighbouring columns of `right`; R² FMAs per step then take
+        R shared-memory loads, not 2R (sm_90: 85 instructions per 4 steps, 103 with scalar loads).
         layout 1 (TF32) or 2 (3xTF32), tensor cores: each warp owns a 16-row, min(32, TILE)-column
         part of the tile and computes it with mma_tf32 (m16n8k8), 8 columns at a time; its lane
         4g + t owns rows g and g + 8 and, in each 8-column group, columns 2t and 2t + 1, so acc is
@@ -300,7 +312,7 @@ if cuda is not None:
         for i in range(R):
             a = left[ty + _u32(i * stride), m]
             for j in range(R):
-                acc[i, j] += a * right[m, tx + _u32(j * stride)]
+                acc[i, j] += a * right[m, _fma_col(j, tx, R, stride)]
 
     @cuda.jit(device=True)
     def _zero(acc, zero):
@@ -377,8 +389,26 @@ def tile_layout(tile, reg, layout):
     return 32 * (tile // 16) * (tile // width), 2, width // 4
 
 
+def tile_row_stride(tile, reg, layout):
+    """The row length (elements) of the shared-memory tiles: tile + 4 on tensor cores; on FMAs
+    tile + 2 for an even register tile reg (its column pairs are 8-byte loads, so rows must start
+    on 8 bytes), else tile + 1.
+
+    Shared memory serves a warp in one pass when no two of the words its lanes touch share a bank
+    (bank = address in 4-byte words mod 32), and in k passes when k distinct words do. For a tile
+    of 64: a transposed tile store (lane i writes row i) touches bank i·(tile + pad) + const, that
+    is i (pad 1: one word per bank), 2i (pad 2: two) or 4i (pad 4: four). A tensor-core fragment
+    load has lane 4g + t read row g, column t of the left operand and row t, column g of the right
+    one: bank g + t with pad 1 (four words per bank), 4g + t and 4t + g with pad 4 (one and two). A
+    tile is stored once and its fragments are loaded eight times per tile product. The FMA
+    product's loads are broadcasts or consecutive words with any of these pads."""
+    if layout != 0:
+        return tile + 4
+    return tile + (2 if reg % 2 == 0 else 1)
+
+
 def _make_kernels(real, TILE, R, min_blocks, LAYOUT, loads):
-    PAD = TILE + 1
+    PAD = tile_row_stride(TILE, R, LAYOUT)
     THREADS, AR, AC = tile_layout(TILE, R, LAYOUT)
     PER_THREAD = TILE * TILE // THREADS     # a tile's elements per thread (THREADS divides TILE²)
     # a tile's loads per thread at once (_load_tile): at most `loads`, and a divisor of PER_THREAD
@@ -777,16 +807,17 @@ def forward(q, k, v, causal=True, chunk_size=64, feature_map="identity", scale=N
     n_chunks = -(-T // tile)
 
     g_d, decay_mode = _decay_input(log_decay, dtype, H)
-    states = _device.empty((B, H, n_chunks * Dk, Dv), dtype, kind)      # ΔS_c, then S_c in place
-    chunk_decay = _device.empty((B, H, n_chunks), dtype, kind)        # written by the outer kernel
-    final = _device.empty((B, H, Dk * Dv), dtype, kind)
     initial = _device.to_device("initial_state", initial_state) if initial_state is not None \
         else _device.placeholder((1, 1, 1, 1), dtype)
-    out = _device.empty((B, H, T, Dv), dtype, kind)
+    states = _device.empty((B, H, n_chunks * Dk, Dv), dtype, kind)      # ΔS_c, then S_c in place
+    chunk_decay = _device.empty((B, H, n_chunks), dtype, kind)        # written by the outer kernel
 
     real = dtype.type
     kernels["outer"][(n_chunks, _grid_tiles(Dk, tile) * _grid_tiles(Dv, tile), B * H), threads](
         k_d, v_d, g_d, states, chunk_decay, T, Dk, Dv, fmap, decay_mode, False, real(scale))
+    # the later kernels' outputs are allocated while the first kernel runs: the GPU does not wait for them
+    final = _device.empty((B, H, Dk * Dv), dtype, kind)
+    out = _device.empty((B, H, T, Dv), dtype, kind)
     kernels["scan"][(_grid_tiles(Dk * Dv, SCAN_THREADS), B * H), SCAN_THREADS](
         states.reshape(B, H, n_chunks, Dk * Dv), chunk_decay,
         initial.reshape(initial.shape[0], initial.shape[1], initial.shape[2] * initial.shape[3]),
