@@ -16,6 +16,7 @@ Under NUMBA_ENABLE_CUDASIM=1 Numba's CUDA simulator runs the same kernels on the
 thread per CUDA thread: slow, but it checks the kernels where no GPU exists. It counts as available.
 """
 import itertools
+import math
 import os
 import weakref
 from functools import partial, wraps
@@ -23,10 +24,11 @@ from functools import partial, wraps
 import numpy as np
 
 try:  # numba.cuda is the numba-cuda package (or Numba's own deprecated copy of it)
+    from numba import config as _numba_config
     from numba import cuda
     _IMPORT_ERROR = None
 except Exception as error:  # pragma: no cover - depends on the installation
-    cuda = None
+    cuda = _numba_config = None
     _IMPORT_ERROR = error
 
 # Take the device memory of Numba device arrays (outputs, caches, NumPy inputs' copies) from
@@ -44,12 +46,8 @@ POISON_OUTPUTS = False
 
 def simulator_enabled():
     """True when Numba's CUDA simulator stands in for a GPU (NUMBA_ENABLE_CUDASIM=1)."""
-    try:
-        from numba import config
-        if getattr(config, "ENABLE_CUDASIM", 0):
-            return True
-    except Exception:  # pragma: no cover
-        pass
+    if getattr(_numba_config, "ENABLE_CUDASIM", 0):
+        return True
     return os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0")
 
 
@@ -125,12 +123,14 @@ def array_kind(x):
     """'numpy', 'torch', 'cupy' or 'device' (any other __cuda_array_interface__ object)."""
     if isinstance(x, np.ndarray):
         return "numpy"
+    if _is_numba_device_array(x):   # first: its __cuda_array_interface__ is a dict built on every access
+        return "device"
     module = type(x).__module__.split(".")[0]
     if module == "torch":
         return "torch"
     if module == "cupy":
         return "cupy"
-    if hasattr(x, "__cuda_array_interface__") or _is_numba_device_array(x):
+    if hasattr(x, "__cuda_array_interface__"):
         return "device"
     raise TypeError(f"expected a numpy.ndarray or a CUDA array (__cuda_array_interface__), got {type(x).__name__}")
 
@@ -193,7 +193,7 @@ def _allocate(shape, dtype, kind):
     if kind == "cupy":
         import cupy
         return cuda.as_cuda_array(cupy.empty(tuple(shape), dtype=dtype), sync=False)
-    if _pool_serves(int(np.prod(shape))):
+    if _pool_serves(math.prod(shape)):
         return memory_pool().empty(shape, dtype)
     return cuda.device_array(shape, dtype=dtype)
 
@@ -220,7 +220,7 @@ def zeros_together(shapes, dtype, kind="device"):
     Each allocation and each launch costs the host tens of microseconds; a backward pass that
     needs five accumulators pays once instead of five times.
     """
-    sizes = [int(np.prod(shape)) for shape in shapes]
+    sizes = [math.prod(shape) for shape in shapes]
     flat = zeros((max(1, sum(sizes)),), dtype, kind)
     views, start = [], 0
     for shape, size in zip(shapes, sizes):
@@ -260,7 +260,7 @@ if cuda is not None:
 
 def fill(array, value):
     """Set every element of a contiguous device array to value."""
-    size = int(np.prod(array.shape))
+    size = math.prod(array.shape)
     if size == 0:
         return
     flat = array.reshape(size)
@@ -324,7 +324,7 @@ class MemoryPool:
         from numba.cuda.cudadrv import devicearray, driver
         dtype = np.dtype(dtype)
         shape = tuple(int(extent) for extent in shape)
-        size = pool_size(int(np.prod(shape)) * dtype.itemsize)
+        size = pool_size(math.prod(shape) * dtype.itemsize)
         idle = self.idle.get(size)
         if idle:
             buffer = idle.pop()
