@@ -79,8 +79,9 @@ MIN_BLOCKS = {"float32": 3, "float64": 0}
 # The tile products on float FMAs ("off"), or on tensor cores: "tf32" (inputs rounded to 10 mantissa
 # bits, relative errors near 1e-3, as Triton's default for float32 dot products) or "3xtf32" (each
 # input split in two TF32 parts, three mma: close to float32). float32 only; tiles a multiple of 16.
-# Off by default: on an H200, with one tile load in flight per thread, neither bought time (output
-# kernel 1.10 ms on FMAs, 1.11 on 3xTF32, 1.02 on TF32); bench/gpu_check.py sweeps them.
+# Off by default: FMAs compute in plain float32 and run on every CUDA GPU (the mma needs sm_80). On
+# an H200 (docs/kernels.md, fifth run) the forward at L=16K took 1.19 ms on FMAs, 1.16 on 3xTF32 and
+# 1.00 on TF32; bench/gpu_check.py sweeps them.
 TENSOR_CORES = {"float32": "off", "float64": "off"}
 LAYOUTS = {"off": 0, "tf32": 1, "3xtf32": 2}       # the `layout` argument of _tile_mma
 # Elements of a tile one thread loads before storing them to shared memory (_load_tile), per dtype:
