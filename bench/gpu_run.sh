@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Everything a GPU lease is for, in one command from the project root (about 9 minutes on an H200):
+# Everything a GPU lease is for, in one command from the project root (about 8 minutes on an H200):
 #
 #     bash bench/gpu_run.sh OUT_DIR
 #
 # Installs the carried wheels (.whl/*.whl, see shared/gpu/README.md) into /tmp/site when they are
-# there, then runs, each under a time limit so that the next always gets its turn:
+# there (not with SMOKE=1: they are built for the GPU machine's Python), then runs, each under a
+# time limit so that the next always gets its turn:
 #   bench/tensor_core_probe.py  a TF32 mma from numba.cuda through inline PTX, checked against NumPy
 #   bench/gpu_check.py          correctness at full size, timings, host-time profile, peers, sweeps
 #   bench/gpu_scaling.py        Numba CPU vs numba.cuda for L = 1K ... 64K
@@ -17,7 +18,7 @@ smoke=()
 check_limit=390 scaling_limit=150        # seconds: with the wheels' install, under the 600 s of one call
 if [[ -n "${SMOKE:-}" ]]; then smoke=(--smoke); check_limit=1800; scaling_limit=900; fi   # the simulator is slow
 
-if compgen -G ".whl/*.whl" > /dev/null; then
+if [[ -z "${SMOKE:-}" ]] && compgen -G ".whl/*.whl" > /dev/null; then   # the simulator needs no wheels
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl || exit 1
     export PYTHONPATH=/tmp/site:$PWD
