@@ -74,7 +74,9 @@ REGS = {"float32": 4, "float64": 4}
 # Launch bounds of the tile kernels, per dtype: blocks per multiprocessor to leave room for (0: none).
 # With 64-step tiles and 4 × 4 register tiles, 3 keeps every tile kernel at 80 registers or fewer,
 # 24 resident warps (sm_90, bench/cuda_registers.py; on an H200 14 % faster forward+backward than
-# without, when dk and dv compiled to 86 and 92 registers unbounded); 4 (64 registers) would spill.
+# without, when dk and dv compiled to 86 and 92 registers unbounded). Since the block's batch and
+# head are unsigned and computed once (_batch_head), 4 (64 registers, 32 warps) spills nothing
+# either; not yet timed (bench/gpu_check.py's sweep has it), so 3 stays.
 MIN_BLOCKS = {"float32": 3, "float64": 0}
 # The tile products on float FMAs ("off"), or on tensor cores: "tf32" (inputs rounded to 10 mantissa
 # bits, relative errors near 1e-3, as Triton's default for float32 dot products) or "3xtf32" (each
@@ -157,7 +159,14 @@ if cuda is not None:
         return one
 
     @cuda.jit(device=True)
-    def _load_tile(dst, src, bh, row0, row_end, col0, col_end, transpose, fmap, weights, weighted, one,
+    def _batch_head(bh, heads):
+        """(batch, head) of a block's batch·head index, unsigned 32-bit: computed once per block
+        (a division by a runtime value is a long instruction sequence) and, being unsigned, free of
+        Numba's negative-index wraparound wherever it indexes."""
+        return _u32(bh // heads), _u32(bh % heads)
+
+    @cuda.jit(device=True)
+    def _load_tile(dst, src, b, h, row0, row_end, col0, col_end, transpose, fmap, weights, weighted, one,
                    staged, threads):
         """dst (TILE, PAD) <- src[b, h, row0 + r, col0 + c] (transposed: dst[c, r]), zero outside
         rows < row_end and cols < col_end, through the feature map fmap (-1: none), each row r times
@@ -178,9 +187,6 @@ if cuda is not None:
         TILE = dst.shape[0]
         batch = staged.shape[0]
         per_thread = TILE * TILE // threads
-        heads = src.shape[1]
-        b = _u32(bh // heads)
-        h = _u32(bh % heads)
         tid = _u32(cuda.threadIdx.x)
         last_row = _u32(row_end - 1)
         last_col = _u32(col_end - 1)
@@ -322,26 +328,26 @@ if cuda is not None:
                 acc[i, j] = zero
 
     @cuda.jit(device=True)
-    def _cumulative_decay(s_gamma, g, decay_mode, bh, t_first, T, zero):
+    def _cumulative_decay(s_gamma, g, decay_mode, b, h, t_first, T, zero, threads):
         """s_gamma[r] = Γ for row r of the chunk: Σ of g over the chunk's steps up to r (g = 0 past T,
-        so padded rows repeat the last step's value). Each of the first TILE threads sums its prefix."""
+        so padded rows repeat the last step's value). Each of the first TILE threads sums its prefix.
+        threads: the block's size, a compile-time constant; the loop over a thread's rows steps by
+        it on a 32-bit counter (range(tid, TILE, cuda.blockDim.x) costs a 64-bit division)."""
         TILE = s_gamma.shape[0]
-        for row in range(cuda.threadIdx.x, TILE, cuda.blockDim.x):
+        row = _u32(cuda.threadIdx.x)
+        while row < TILE:
             total = zero
             if decay_mode == 1:              # g (1, H, 1): one value per head
-                heads = g.shape[1]
-                step = g[0, bh % heads, 0]
+                step = g[0, h, 0]
                 for r in range(row + 1):
                     if t_first + r < T:
                         total += step
             elif decay_mode == 2:
-                heads = g.shape[1]
-                b = bh // heads
-                h = bh % heads
                 for r in range(row + 1):
                     if t_first + r < T:
                         total += g[b, h, t_first + r]
             s_gamma[row] = total
+            row = _u32(row + threads)
 
     @cuda.jit(device=True)
     def _masked_scores(dst, acc, s_gamma, tid, layout, scale, transposed, zero):
@@ -420,11 +426,11 @@ def _make_kernels(real, TILE, R, min_blocks, LAYOUT, loads):
         """out[b, h, c] (Dx × Dy) = Σ_s w_s φ(x_s)ᵀ y_s over chunk c, w_s = exp(Γ_end − Γ_s) for the
         state increment ΔS_c, or w_s = scale · exp(Γ_s) (from_start) for the gradient increment ΔG_c.
         Also chunk_decay[b, h, c] = Γ_end."""
-        chunk = cuda.blockIdx.x
-        bh = cuda.blockIdx.z
-        n_ytiles = (Dy + TILE - 1) // TILE
-        xt = cuda.blockIdx.y // n_ytiles
-        yt = cuda.blockIdx.y % n_ytiles
+        chunk = _u32(cuda.blockIdx.x)
+        b, h = _batch_head(cuda.blockIdx.z, xsrc.shape[1])   # unsigned: no wraparound per access
+        n_ytiles = _u32((Dy + TILE - 1) // TILE)
+        xt = _u32(cuda.blockIdx.y) // n_ytiles     # unsigned 32-bit: no call to a 64-bit division
+        yt = _u32(cuda.blockIdx.y) % n_ytiles
         tid = cuda.threadIdx.x
         zero = real(0)
         one = real(1)
@@ -436,38 +442,37 @@ def _make_kernels(real, TILE, R, min_blocks, LAYOUT, loads):
         staged = cuda.local.array(IN_FLIGHT, real)  # see _load_tile
         _zero(acc, zero)
 
-        t_first = chunk * TILE
-        _cumulative_decay(s_gamma, g, decay_mode, bh, t_first, T, zero)
+        t_first = _u32(chunk * TILE)
+        _cumulative_decay(s_gamma, g, decay_mode, b, h, t_first, T, zero, THREADS)
         cuda.syncthreads()
-        for row in range(tid, TILE, cuda.blockDim.x):
+        row = _u32(tid)
+        while row < TILE:
             if from_start:
                 s_w[row] = scale * math.exp(s_gamma[row])
             else:
                 s_w[row] = math.exp(s_gamma[TILE - 1] - s_gamma[row])
+            row = _u32(row + THREADS)
         cuda.syncthreads()
-        _load_tile(s_x, xsrc, bh, t_first, T, xt * TILE, Dx, True, fmap, s_w, False, one, staged, THREADS)
-        _load_tile(s_y, ysrc, bh, t_first, T, yt * TILE, Dy, False, -1, s_w, True, one, staged, THREADS)
+        _load_tile(s_x, xsrc, b, h, t_first, T, xt * TILE, Dx, True, fmap, s_w, False, one, staged, THREADS)
+        _load_tile(s_y, ysrc, b, h, t_first, T, yt * TILE, Dy, False, -1, s_w, True, one, staged, THREADS)
         cuda.syncthreads()
         _tile_mma(acc, s_x, s_y, tid, LAYOUT)
 
-        heads = out.shape[1]
-        b = bh // heads
-        h = bh % heads
         for i in range(AR):
-            row = xt * TILE + _owned_row(i, tid, acc, TILE, LAYOUT)
+            row = _u32(xt * TILE) + _owned_row(i, tid, acc, TILE, LAYOUT)
             for j in range(AC):
-                col = yt * TILE + _owned_col(j, tid, acc, TILE, LAYOUT)
+                col = _u32(yt * TILE) + _owned_col(j, tid, acc, TILE, LAYOUT)
                 if row < Dx and col < Dy:
-                    out[b, h, chunk * Dx + row, col] = acc[i, j]
+                    out[b, h, _u32(chunk * Dx + row), col] = acc[i, j]
         if cuda.blockIdx.y == 0 and tid == 0:
             chunk_decay[b, h, chunk] = s_gamma[TILE - 1]
 
     @_device.jit_kernel(THREADS, min_blocks)
     def output_kernel(q, k, v, g, states, out, T, Dk, Dv, fmap, decay_mode, scale):
         """out_t = scale (exp(Γ_t) φ(q_t) S_c + Σ_{s ≤ t} exp(Γ_t − Γ_s)(φ(q_t)·φ(k_s)) v_s), one Dv tile."""
-        chunk = cuda.blockIdx.x
+        chunk = _u32(cuda.blockIdx.x)
         vt = cuda.blockIdx.y
-        bh = cuda.blockIdx.z
+        b, h = _batch_head(cuda.blockIdx.z, q.shape[1])
         tid = cuda.threadIdx.x
         zero = real(0)
         one = real(1)
@@ -480,21 +485,21 @@ def _make_kernels(real, TILE, R, min_blocks, LAYOUT, loads):
         _zero(acc_o, zero)
         _zero(acc_a, zero)
 
-        t_first = chunk * TILE
-        _cumulative_decay(s_gamma, g, decay_mode, bh, t_first, T, zero)
+        t_first = _u32(chunk * TILE)
+        _cumulative_decay(s_gamma, g, decay_mode, b, h, t_first, T, zero, THREADS)
         for kt in range(0, Dk, TILE):
-            _load_tile(s_1, q, bh, t_first, T, kt, Dk, False, fmap, s_gamma, False, one, staged, THREADS)
-            _load_tile(s_2, states, bh, chunk * Dk + kt, chunk * Dk + Dk, vt * TILE, Dv, False, -1,
+            _load_tile(s_1, q, b, h, t_first, T, kt, Dk, False, fmap, s_gamma, False, one, staged, THREADS)
+            _load_tile(s_2, states, b, h, chunk * Dk + kt, chunk * Dk + Dk, vt * TILE, Dv, False, -1,
                        s_gamma, False, one, staged, THREADS)
             cuda.syncthreads()
             _tile_mma(acc_o, s_1, s_2, tid, LAYOUT)                 # φ(Q) S_c
             cuda.syncthreads()
-            _load_tile(s_2, k, bh, t_first, T, kt, Dk, True, fmap, s_gamma, False, one, staged, THREADS)
+            _load_tile(s_2, k, b, h, t_first, T, kt, Dk, True, fmap, s_gamma, False, one, staged, THREADS)
             cuda.syncthreads()
             _tile_mma(acc_a, s_1, s_2, tid, LAYOUT)                 # φ(Q) φ(K)ᵀ
             cuda.syncthreads()
         _masked_scores(s_1, acc_a, s_gamma, tid, LAYOUT, scale, False, zero)
-        _load_tile(s_2, v, bh, t_first, T, vt * TILE, Dv, False, -1, s_gamma, False, one, staged, THREADS)
+        _load_tile(s_2, v, b, h, t_first, T, vt * TILE, Dv, False, -1, s_gamma, False, one, staged, THREADS)
         for i in range(AR):
             weight = scale * math.exp(s_gamma[_owned_row(i, tid, acc_o, TILE, LAYOUT)])
             for j in range(AC):
@@ -502,13 +507,10 @@ def _make_kernels(real, TILE, R, min_blocks, LAYOUT, loads):
         cuda.syncthreads()
         _tile_mma(acc_o, s_1, s_2, tid, LAYOUT)                     # + (A ⊙ M) V
 
-        heads = out.shape[1]
-        b = bh // heads
-        h = bh % heads
         for i in range(AR):
-            t = t_first + _owned_row(i, tid, acc_o, TILE, LAYOUT)
+            t = _u32(t_first + _owned_row(i, tid, acc_o, TILE, LAYOUT))
             for j in range(AC):
-                col = vt * TILE + _owned_col(j, tid, acc_o, TILE, LAYOUT)
+                col = _u32(vt * TILE) + _owned_col(j, tid, acc_o, TILE, LAYOUT)
                 if t < T and col < Dv:
                     out[b, h, t, col] = acc_o[i, j]
 
@@ -550,9 +552,9 @@ def _make_kernels(real, TILE, R, min_blocks, LAYOUT, loads):
     @_device.jit_kernel(THREADS, min_blocks)
     def dq_kernel(q, k, v, do, g, states, dq, dgamma, T, Dk, Dv, fmap, decay_mode, scale):
         """dq for one Dk tile: dφ(Q) = (dP ⊙ M) φ(K) + scale exp(Γ) dO S_cᵀ, dq = dφ(Q) ⊙ φ'(q)."""
-        chunk = cuda.blockIdx.x
+        chunk = _u32(cuda.blockIdx.x)
         kt = cuda.blockIdx.y * TILE
-        bh = cuda.blockIdx.z
+        b, h = _batch_head(cuda.blockIdx.z, q.shape[1])
         tid = cuda.threadIdx.x
         zero = real(0)
         one = real(1)
@@ -565,38 +567,40 @@ def _make_kernels(real, TILE, R, min_blocks, LAYOUT, loads):
         acc_q = cuda.local.array((AR, AC), real)
         _zero(acc, zero)
         _zero(acc_q, zero)
-        t_first = chunk * TILE
-        _cumulative_decay(s_gamma, g, decay_mode, bh, t_first, T, zero)
-        for row in range(tid, TILE, cuda.blockDim.x):
+        t_first = _u32(chunk * TILE)
+        _cumulative_decay(s_gamma, g, decay_mode, b, h, t_first, T, zero, THREADS)
+        row = _u32(tid)
+        while row < TILE:
             s_db[row] = zero
+            row = _u32(row + THREADS)
 
         for vt in range(0, Dv, TILE):                        # dO Vᵀ
-            _load_tile(s_1, do, bh, t_first, T, vt, Dv, False, -1, s_gamma, False, one, staged, THREADS)
-            _load_tile(s_2, v, bh, t_first, T, vt, Dv, True, -1, s_gamma, False, one, staged, THREADS)
+            _load_tile(s_1, do, b, h, t_first, T, vt, Dv, False, -1, s_gamma, False, one, staged, THREADS)
+            _load_tile(s_2, v, b, h, t_first, T, vt, Dv, True, -1, s_gamma, False, one, staged, THREADS)
             cuda.syncthreads()
             _tile_mma(acc, s_1, s_2, tid, LAYOUT)
             cuda.syncthreads()
         _masked_scores(s_1, acc, s_gamma, tid, LAYOUT, scale, False, zero)      # dP
-        _load_tile(s_2, k, bh, t_first, T, kt, Dk, False, fmap, s_gamma, False, one, staged, THREADS)
+        _load_tile(s_2, k, b, h, t_first, T, kt, Dk, False, fmap, s_gamma, False, one, staged, THREADS)
         cuda.syncthreads()
         _tile_mma(acc_q, s_1, s_2, tid, LAYOUT)                   # dP φ(K)
         _zero(acc, zero)
         for vt in range(0, Dv, TILE):                        # dO S_cᵀ
             cuda.syncthreads()
-            _load_tile(s_1, do, bh, t_first, T, vt, Dv, False, -1, s_gamma, False, one, staged, THREADS)
-            _load_tile(s_2, states, bh, chunk * Dk + kt, chunk * Dk + Dk, vt, Dv, True, -1,
+            _load_tile(s_1, do, b, h, t_first, T, vt, Dv, False, -1, s_gamma, False, one, staged, THREADS)
+            _load_tile(s_2, states, b, h, chunk * Dk + kt, chunk * Dk + Dk, vt, Dv, True, -1,
                        s_gamma, False, one, staged, THREADS)
             cuda.syncthreads()
             _tile_mma(acc, s_1, s_2, tid, LAYOUT)
-        _finish_key_grad(q, dq, dgamma, acc_q, acc, s_gamma, s_db, bh, t_first, kt, T, Dk, fmap,
-                         decay_mode, tid, LAYOUT, one, False, scale)
+        _finish_key_grad(q, dq, dgamma, acc_q, acc, s_gamma, s_db, b, h, t_first, kt, T, Dk, fmap,
+                         decay_mode, tid, LAYOUT, one, False, scale, THREADS)
 
     @_device.jit_kernel(THREADS, min_blocks)
     def dk_kernel(q, k, v, do, g, grads, dk, dgamma, T, Dk, Dv, fmap, decay_mode, scale):
         """dk for one Dk tile: dφ(K) = (dP ⊙ M)ᵀ φ(Q) + exp(Γ_end − Γ) V G_cᵀ, dk = dφ(K) ⊙ φ'(k)."""
-        chunk = cuda.blockIdx.x
+        chunk = _u32(cuda.blockIdx.x)
         kt = cuda.blockIdx.y * TILE
-        bh = cuda.blockIdx.z
+        b, h = _batch_head(cuda.blockIdx.z, q.shape[1])
         tid = cuda.threadIdx.x
         zero = real(0)
         one = real(1)
@@ -609,38 +613,40 @@ def _make_kernels(real, TILE, R, min_blocks, LAYOUT, loads):
         acc_k = cuda.local.array((AR, AC), real)
         _zero(acc, zero)
         _zero(acc_k, zero)
-        t_first = chunk * TILE
-        _cumulative_decay(s_gamma, g, decay_mode, bh, t_first, T, zero)
-        for row in range(tid, TILE, cuda.blockDim.x):
+        t_first = _u32(chunk * TILE)
+        _cumulative_decay(s_gamma, g, decay_mode, b, h, t_first, T, zero, THREADS)
+        row = _u32(tid)
+        while row < TILE:
             s_db[row] = zero
+            row = _u32(row + THREADS)
 
         for vt in range(0, Dv, TILE):                        # V dOᵀ = (dO Vᵀ)ᵀ
-            _load_tile(s_1, v, bh, t_first, T, vt, Dv, False, -1, s_gamma, False, one, staged, THREADS)
-            _load_tile(s_2, do, bh, t_first, T, vt, Dv, True, -1, s_gamma, False, one, staged, THREADS)
+            _load_tile(s_1, v, b, h, t_first, T, vt, Dv, False, -1, s_gamma, False, one, staged, THREADS)
+            _load_tile(s_2, do, b, h, t_first, T, vt, Dv, True, -1, s_gamma, False, one, staged, THREADS)
             cuda.syncthreads()
             _tile_mma(acc, s_1, s_2, tid, LAYOUT)
             cuda.syncthreads()
         _masked_scores(s_1, acc, s_gamma, tid, LAYOUT, scale, True, zero)       # dPᵀ
-        _load_tile(s_2, q, bh, t_first, T, kt, Dk, False, fmap, s_gamma, False, one, staged, THREADS)
+        _load_tile(s_2, q, b, h, t_first, T, kt, Dk, False, fmap, s_gamma, False, one, staged, THREADS)
         cuda.syncthreads()
         _tile_mma(acc_k, s_1, s_2, tid, LAYOUT)                   # dPᵀ φ(Q)
         _zero(acc, zero)
         for vt in range(0, Dv, TILE):                        # V G_cᵀ
             cuda.syncthreads()
-            _load_tile(s_1, v, bh, t_first, T, vt, Dv, False, -1, s_gamma, False, one, staged, THREADS)
-            _load_tile(s_2, grads, bh, chunk * Dk + kt, chunk * Dk + Dk, vt, Dv, True, -1,
+            _load_tile(s_1, v, b, h, t_first, T, vt, Dv, False, -1, s_gamma, False, one, staged, THREADS)
+            _load_tile(s_2, grads, b, h, chunk * Dk + kt, chunk * Dk + Dk, vt, Dv, True, -1,
                        s_gamma, False, one, staged, THREADS)
             cuda.syncthreads()
             _tile_mma(acc, s_1, s_2, tid, LAYOUT)
-        _finish_key_grad(k, dk, dgamma, acc_k, acc, s_gamma, s_db, bh, t_first, kt, T, Dk, fmap,
-                         decay_mode, tid, LAYOUT, one, True, scale)
+        _finish_key_grad(k, dk, dgamma, acc_k, acc, s_gamma, s_db, b, h, t_first, kt, T, Dk, fmap,
+                         decay_mode, tid, LAYOUT, one, True, scale, THREADS)
 
     @_device.jit_kernel(THREADS, min_blocks)
     def dv_kernel(q, k, do, g, grads, dv, T, Dk, Dv, fmap, decay_mode, scale):
         """dv for one Dv tile: dV = (A ⊙ M)ᵀ dO + exp(Γ_end − Γ) φ(K) G_c."""
-        chunk = cuda.blockIdx.x
+        chunk = _u32(cuda.blockIdx.x)
         vt = cuda.blockIdx.y * TILE
-        bh = cuda.blockIdx.z
+        b, h = _batch_head(cuda.blockIdx.z, q.shape[1])
         tid = cuda.threadIdx.x
         zero = real(0)
         one = real(1)
@@ -652,37 +658,34 @@ def _make_kernels(real, TILE, R, min_blocks, LAYOUT, loads):
         acc_v = cuda.local.array((AR, AC), real)
         _zero(acc, zero)
         _zero(acc_v, zero)
-        t_first = chunk * TILE
-        _cumulative_decay(s_gamma, g, decay_mode, bh, t_first, T, zero)
+        t_first = _u32(chunk * TILE)
+        _cumulative_decay(s_gamma, g, decay_mode, b, h, t_first, T, zero, THREADS)
 
         for kt in range(0, Dk, TILE):                        # φ(K) φ(Q)ᵀ = Aᵀ
-            _load_tile(s_1, k, bh, t_first, T, kt, Dk, False, fmap, s_gamma, False, one, staged, THREADS)
-            _load_tile(s_2, q, bh, t_first, T, kt, Dk, True, fmap, s_gamma, False, one, staged, THREADS)
+            _load_tile(s_1, k, b, h, t_first, T, kt, Dk, False, fmap, s_gamma, False, one, staged, THREADS)
+            _load_tile(s_2, q, b, h, t_first, T, kt, Dk, True, fmap, s_gamma, False, one, staged, THREADS)
             cuda.syncthreads()
             _tile_mma(acc, s_1, s_2, tid, LAYOUT)
             cuda.syncthreads()
         _masked_scores(s_1, acc, s_gamma, tid, LAYOUT, scale, True, zero)
-        _load_tile(s_2, do, bh, t_first, T, vt, Dv, False, -1, s_gamma, False, one, staged, THREADS)
+        _load_tile(s_2, do, b, h, t_first, T, vt, Dv, False, -1, s_gamma, False, one, staged, THREADS)
         cuda.syncthreads()
         _tile_mma(acc_v, s_1, s_2, tid, LAYOUT)                   # Aᵀ dO
         _zero(acc, zero)
         for kt in range(0, Dk, TILE):                        # φ(K) G_c
             cuda.syncthreads()
-            _load_tile(s_1, k, bh, t_first, T, kt, Dk, False, fmap, s_gamma, False, one, staged, THREADS)
-            _load_tile(s_2, grads, bh, chunk * Dk + kt, chunk * Dk + Dk, vt, Dv, False, -1,
+            _load_tile(s_1, k, b, h, t_first, T, kt, Dk, False, fmap, s_gamma, False, one, staged, THREADS)
+            _load_tile(s_2, grads, b, h, chunk * Dk + kt, chunk * Dk + Dk, vt, Dv, False, -1,
                        s_gamma, False, one, staged, THREADS)
             cuda.syncthreads()
             _tile_mma(acc, s_1, s_2, tid, LAYOUT)
 
-        heads = dv.shape[1]
-        b = bh // heads
-        h = bh % heads
         for i in range(AR):
             row = _owned_row(i, tid, acc, TILE, LAYOUT)
             weight = math.exp(s_gamma[TILE - 1] - s_gamma[row])
-            t = t_first + row
+            t = _u32(t_first + row)
             for j in range(AC):
-                col = vt + _owned_col(j, tid, acc, TILE, LAYOUT)
+                col = _u32(vt) + _owned_col(j, tid, acc, TILE, LAYOUT)
                 if t < T and col < Dv:
                     dv[b, h, t, col] = acc_v[i, j] + weight * acc[i, j]
 
@@ -740,24 +743,22 @@ def _make_kernels(real, TILE, R, min_blocks, LAYOUT, loads):
 
 if cuda is not None:
     @cuda.jit(device=True)
-    def _finish_key_grad(x, dx, dgamma, acc_local, acc_state, s_gamma, s_db, bh, t_first, col0, T, Dk,
-                         fmap, decay_mode, tid, layout, one, is_key, scale):
+    def _finish_key_grad(x, dx, dgamma, acc_local, acc_state, s_gamma, s_db, b, h, t_first, col0, T, Dk,
+                         fmap, decay_mode, tid, layout, one, is_key, scale, threads):
         """dφ(x) = acc_local + w_t acc_state with w_t = scale exp(Γ_t) (queries) or exp(Γ_end − Γ_t)
-        (keys); dx = dφ(x) ⊙ φ'(x). With a decay, adds ±φ(x_t)·dφ(x_t) into dgamma[b, h, t]."""
+        (keys); dx = dφ(x) ⊙ φ'(x). With a decay, adds ±φ(x_t)·dφ(x_t) into dgamma[b, h, t].
+        threads: the block's size, a compile-time constant."""
         TILE = s_gamma.shape[0]
-        heads = dx.shape[1]
-        b = bh // heads
-        h = bh % heads
         for i in range(acc_local.shape[0]):
             row = _owned_row(i, tid, acc_local, TILE, layout)
-            t = t_first + row
+            t = _u32(t_first + row)
             if is_key:
                 weight = math.exp(s_gamma[TILE - 1] - s_gamma[row])
             else:
                 weight = scale * math.exp(s_gamma[row])
             dot = one - one
             for j in range(acc_local.shape[1]):
-                col = col0 + _owned_col(j, tid, acc_local, TILE, layout)
+                col = _u32(col0) + _owned_col(j, tid, acc_local, TILE, layout)
                 if t < T and col < Dk:
                     dphi = acc_local[i, j] + weight * acc_state[i, j]
                     value = x[b, h, t, col]
@@ -767,9 +768,11 @@ if cuda is not None:
                 cuda.atomic.add(s_db, row, -dot if is_key else dot)
         if decay_mode != 0:
             cuda.syncthreads()
-            for r in range(cuda.threadIdx.x, TILE, cuda.blockDim.x):
+            r = _u32(tid)
+            while r < TILE:
                 if t_first + r < T:
-                    cuda.atomic.add(dgamma, (b, h, t_first + r), s_db[r])
+                    cuda.atomic.add(dgamma, (b, h, _u32(t_first + r)), s_db[r])
+                r = _u32(r + threads)
 
 # ----------------------------------------------------------------------------------------------
 # host wrappers
