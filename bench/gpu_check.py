@@ -725,8 +725,8 @@ LA_SWEEP = [  # linear attention: (tile = chunk, register tile, launch bounds: b
               # tile products on float FMAs or tensor cores: off | 3xtf32 | tf32, tile loads in flight
               # per thread). Measured before (docs/kernels.md): 8 x 8 register tiles, tile 32, tensor
               # cores without launch bounds
-    (64, 4, 3, "off", 4), (64, 4, 3, "tf32", 4), (64, 4, 3, "3xtf32", 4), (64, 4, 3, "off", 8),
-    (64, 4, 3, "off", 1), (64, 4, 0, "off", 4)]
+    (64, 4, 3, "off", 4), (64, 4, 3, "tf32", 4), (64, 4, 3, "3xtf32", 4), (64, 4, 4, "off", 4),
+    (64, 4, 3, "off", 8), (64, 4, 3, "off", 1), (64, 4, 0, "off", 4)]
 
 
 def run_sweep(results, op, entries, configure, restore, forward, backward, L, until_s):
