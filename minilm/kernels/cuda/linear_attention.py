@@ -88,7 +88,7 @@ TENSOR_CORES = {"float32": "off", "float64": "off"}
 LAYOUTS = {"off": 0, "tf32": 1, "3xtf32": 2}       # the `layout` argument of _tile_mma
 # Elements of a tile one thread loads before storing them to shared memory (_load_tile), per dtype:
 # the loads in flight per thread. 1 is the plain loop (on an H200 it left the tile kernels at a
-# seventh of copy bandwidth); under the launch bounds (sm_90) 8 spill 4 bytes in dv, 4 nothing.
+# seventh of copy bandwidth); under the launch bounds (sm_90) neither 4 nor 8 spill.
 LOADS = {"float32": 4, "float64": 4}
 SCAN_THREADS = 256     # threads per block of the chunk scan and of the decay-gradient kernel
 SCAN_UNROLL = 4        # chunks whose increments the scan loads before folding them in (more loads in flight)
