@@ -180,9 +180,59 @@ def warp_shuffles(monkeypatch):
     monkeypatch.setattr(kernelapi.FakeCUDAModule, "shfl_xor_sync", shfl_xor_sync, raising=False)
 
 
+@pytest.mark.parametrize("count, first, lanes", [
+    (4, 1, 8),     # the backward's dB, dC terms of 2 states over 8 channel lanes
+    (2, 8, 4),     # its Σ_n g B, Σ_n g A a h over 4 state threads, 8 lanes apart
+    (4, 1, 2),     # more values than lanes: each lane keeps two sums
+    (8, 1, 8),     # as many values as lanes
+    (1, 4, 8),     # one value: a plain butterfly
+    (2, 1, 1),     # one lane: nothing to add
+])
+def test_scatter_sums_leave_every_sum_on_one_lane(warp_shuffles, count, first, lanes):
+    """_scatter_sums on a warp of 32 lanes: every group of `lanes` lanes ends with the sums over the
+    group of each of its count values, and the lanes of rank < count hold each sum exactly once."""
+    kept = max(1, count // lanes)
+
+    @cuda.jit
+    def kernel(data, sums, starts):
+        lane = cuda.threadIdx.x
+        values = cuda.local.array(count, np.float64)
+        for i in range(count):
+            values[i] = data[lane, i]
+        starts[lane] = cuda_scan._scatter_sums(values, count, (lane // first) % lanes, first, lanes)
+        for i in range(kept):
+            sums[lane, i] = values[i]
+
+    data = np.random.default_rng(count * lanes + first).standard_normal((32, count))
+    sums = np.zeros((32, kept))
+    starts = np.zeros(32, np.int64)
+    kernel[1, 32](data, sums, starts)
+
+    def rank(lane):
+        return (lane // first) % lanes
+
+    stored = {}
+    for lane in range(32):
+        group = [other for other in range(32) if other - rank(other) * first == lane - rank(lane) * first]
+        assert len(group) == lanes
+        for i in range(kept):
+            index = starts[lane] + i
+            assert sums[lane, i] == pytest.approx(data[group, index].sum(), abs=1e-12)
+            if rank(lane) < count:
+                key = (min(group), index)
+                assert key not in stored
+                stored[key] = lane
+    assert len(stored) == (32 // lanes) * count
+
+
 @pytest.mark.parametrize("shape, B, T, D, N, dtype", [
     # 4 channels x 4 state threads x 2 segments: one warp; two state groups (N = 5)
     (dict(channels=4, state_threads=4, states_per_thread=1), 1, 6, 5, 5, np.float64),
+    # 2 states per thread: 4 dB, dC terms split over 8 channel lanes; 2 channel lanes keep 2 each
+    (dict(channels=8, state_threads=4, states_per_thread=2), 1, 5, 9, 7, np.float32),
+    (dict(channels=2, state_threads=8, states_per_thread=2), 2, 5, 3, 16, np.float64),
+    # 32 channel lanes: one state thread per warp keeps both of its sums over the states
+    (dict(channels=32, state_threads=2, states_per_thread=1), 1, 4, 33, 2, np.float64),
     # 8 x 8 x 2: a segment's state threads span two warps, each storing its partial sums in a slot
     (dict(channels=8, state_threads=8, states_per_thread=1), 1, 6, 9, 8, np.float32),
     # 3 state threads: a layout the shuffles cannot serve, so the atomics run instead
@@ -213,13 +263,14 @@ def test_warp_sums_only_where_the_simulator_has_shuffles(monkeypatch):
 
 
 def test_warp_sums_fit_only_whole_aligned_lane_groups():
-    assert cuda_scan._warp_sums_fit(8, 8, 512)
-    assert cuda_scan._warp_sums_fit(4, 4, 32)
-    assert not cuda_scan._warp_sums_fit(8, 3, 384)       # state threads not a power of two
-    assert not cuda_scan._warp_sums_fit(6, 4, 96)        # channels not a power of two
-    assert not cuda_scan._warp_sums_fit(2, 2, 8)         # a partial warp
-    assert not cuda_scan._warp_sums_fit(64, 1, 64)       # channel lanes wider than a warp
-    assert not cuda_scan._warp_sums_fit(16, 8, 256)      # state threads over four warps: four slots
+    assert cuda_scan._warp_sums_fit(8, 8, 2, 512)
+    assert cuda_scan._warp_sums_fit(4, 4, 1, 32)
+    assert not cuda_scan._warp_sums_fit(8, 3, 2, 384)       # state threads not a power of two
+    assert not cuda_scan._warp_sums_fit(6, 4, 2, 96)        # channels not a power of two
+    assert not cuda_scan._warp_sums_fit(2, 2, 2, 8)         # a partial warp
+    assert not cuda_scan._warp_sums_fit(64, 1, 2, 64)       # channel lanes wider than a warp
+    assert not cuda_scan._warp_sums_fit(16, 8, 2, 256)      # state threads over four warps: four slots
+    assert not cuda_scan._warp_sums_fit(8, 8, 3, 512)       # 6 dB, dC terms per thread: not halved evenly
 
 
 def test_device_arrays_in_device_arrays_out(blocks):

@@ -50,8 +50,10 @@ first step into the chunk before it: the a_{t+1} shift across the boundary), and
 off (g_t, h_t). dB and dC (sums over channels) are added with atomics, first into shared-memory
 tiles and then, once per chunk, into float32/float64 global buffers; dA, dD and ddelta_bias too.
 The backward is therefore not bit-for-bit deterministic. With ScanConfig.bwd_warp_sums the sums
-over a warp's lanes are taken by shuffles first (_xor_sum), and each warp stores its sums in shared
-memory with plain stores (the sums over state threads in a slot of its own, added in the epilogue).
+over a warp's lanes are taken by shuffles first: a step's dB, dC terms over the channel lanes by a
+reduce-scatter (_scatter_sums: each of the 2 × STATES_PER_THREAD sums ends on its own lane), the
+sums over state threads by a butterfly (_xor_sum). Each warp stores its sums in shared memory with
+plain stores (the sums over state threads in a slot of its own, added in the epilogue).
 
 When N exceeds the states one block holds at a time (STATE_THREADS × STATES_PER_THREAD), the block
 walks the states in groups, adding each group's partial sums into the output buffers.
@@ -482,39 +484,71 @@ if cuda is not None:
         return value
 
     @cuda.jit(device=True)
-    def _add_summed(dst, slot, t, lane, value, summed, first, count, leader):
-        """dst[0, t, lane] += value from every thread by a shared-memory atomic; or, when summed, the
-        sum of value over `count` lanes first (_xor_sum(value, first, count)), which the leader of
-        those lanes stores in dst[slot, t, lane] (its warp's slot: no other thread writes there,
-        so a plain store does, with no compare-and-swap loop)."""
-        if summed:
-            value = _xor_sum(value, first, count)
-            if leader:
-                dst[slot, t, lane] = value
-        else:
-            cuda.atomic.add(dst, (0, t, lane), value)
+    def _scatter_sums(values, count, rank, first, lanes):
+        """Σ over `lanes` lanes of a warp of each of the `count` values in values (count,), spread
+        over those lanes: a reduce-scatter by shuffles. Returns `start`: afterwards values[0],
+        ..., values[max(1, count / lanes) - 1] hold the sums of the values at start, start + 1, ...
+
+        The lanes are those whose ids differ only in the bits of first, 2·first, ..., lanes/2·first
+        (count and lanes powers of two); rank is this lane's place among them, (lane id / first) %
+        lanes. All 32 lanes of the warp must call it together. Each round pairs the lanes whose ranks
+        differ in one bit. While a lane has values to split, the one with the bit set keeps the upper
+        half of its values and sends the lower half, its partner the other way round, and each adds
+        what it receives: half as many values, each summed over twice as many lanes. Once one value
+        is left, a round just adds the partner's (as _xor_sum). Lanes with the same start hold the
+        same sums; those of rank < count hold every sum once.
+
+        count values over `lanes` lanes take count - 1 shuffles (plus log2(lanes / count) when
+        lanes > count), where a butterfly per value takes count · log2(lanes).
+        """
+        start = 0
+        half = count // 2
+        # Loops with fixed trip counts (lanes <= 32; count // 2, left early): the compiler unrolls
+        # them, and then the caller's loop over the steps too. With `while bit < lanes` or
+        # `range(half)` it did not, and the caller's per-step arrays went to local memory.
+        for round in range(5):
+            bit = 1 << round
+            if bit < lanes:
+                partner = bit * first
+                if half > 0:
+                    upper = (rank & bit) != 0
+                    for i in range(count // 2):
+                        if i >= half:
+                            break
+                        # selp, a plain select: with Python's `x if c else y` (a branch) the compiler
+                        # loads through a chosen address instead, which keeps values out of registers
+                        keep = cuda.selp(upper, values[i + half], values[i])
+                        send = cuda.selp(upper, values[i], values[i + half])
+                        values[i] = keep + cuda.shfl_xor_sync(0xFFFFFFFF, send, partner)
+                    if upper:
+                        start += half
+                    half //= 2
+                else:
+                    values[0] += cuda.shfl_xor_sync(0xFFFFFFFF, values[0], partner)
+        return start
 
 
 # ----------------------------------------------------------------------------------------------
 # backward kernel
 
-def _warp_sums_fit(channels, state_threads, threads):
+def _warp_sums_fit(channels, state_threads, states_per_thread, threads):
     """Whether the shuffle sums of the backward can serve this layout: each group of channel lanes
-    and each warp's state threads must be whole, aligned groups of lanes of full warps; and a
-    segment's state threads span at most two warps (each warp's sums get their own slot in shared
-    memory, and more slots would not fit beside the chunk's tiles)."""
+    and each warp's state threads must be whole, aligned groups of lanes of full warps; a segment's
+    state threads span at most two warps (each warp's sums get their own slot in shared memory, and
+    more slots would not fit beside the chunk's tiles); and a thread's dB, dC terms are a power of
+    two (_scatter_sums splits them in halves)."""
     def power_of_two(x):
         return x > 0 and x & (x - 1) == 0
     return (power_of_two(channels) and channels <= 32 and power_of_two(state_threads) and threads % 32 == 0
-            and channels * state_threads <= 64)
+            and channels * state_threads <= 64 and power_of_two(states_per_thread))
 
 
 def backward_warp_sums(config, N):
     """Whether the backward takes its sums by warp shuffles: asked for (bwd_warp_sums), a layout
     they serve (_warp_sums_fit) and shuffles to run them (Numba's simulator has none)."""
-    NT, _ = _layout(config, N)
+    NT, NPT = _layout(config, N)
     threads = config.channels * NT * config.bwd_segments
-    return (config.bwd_warp_sums and _warp_sums_fit(config.channels, NT, threads)
+    return (config.bwd_warp_sums and _warp_sums_fit(config.channels, NT, NPT, threads)
             and _device.warp_shuffles_available())
 
 
@@ -539,6 +573,7 @@ def _make_backward_kernel(real, DG, NT, NPT, S, K, min_blocks, WARP_SUMS=False):
     SLOTS = NT // NT_IN_WARP if WARP_SUMS else 1     # partial sums over state threads per (t, d)
     OUT_ROWS = _rows_per_thread(CH * DG, THREADS)     # (t, d) elements per thread and chunk
     STATE_ROWS = _rows_per_thread(CH * NP, THREADS)   # (t, n) elements per thread and chunk
+    TERMS = 2 * NPT                                   # dB, dC terms of one step per thread
 
     @_device.jit_kernel(THREADS, min_blocks)
     def backward_kernel(dout, u, delta, A, Bm, Cm, Dskip, z, bias, carries,
@@ -573,12 +608,10 @@ def _make_backward_kernel(real, DG, NT, NPT, S, K, min_blocks, WARP_SUMS=False):
         s_scan_a = cuda.shared.array((S, NP, DG), real)
         s_scan_h = cuda.shared.array((S, NP, DG), real)
         s_from_later = cuda.shared.array((NP, DG), real)   # a_t g_t of the next chunk's first step
-        s_dB = cuda.shared.array((CH, NP), real)        # Σ over the block's channels, then atomics
-        s_dC = cuda.shared.array((CH, NP), real)
+        s_dBC = cuda.shared.array((2, CH, NP), real)    # dB, dC: Σ over the block's channels, then atomics
         # sums over the states, per warp (WARP_SUMS) or by atomics into slot 0; the epilogue adds the slots
-        s_gB = cuda.shared.array((SLOTS, CH, DG), real)     # Σ_n g B           (→ du, dΔ)
-        s_gAh = cuda.shared.array((SLOTS, CH, DG), real)    # Σ_n g A a h_{t-1} (→ dΔ)
-        s_y = cuda.shared.array((SLOTS, CH, DG), real)      # Σ_n C h           (→ dz)
+        # [0] Σ_n g B (→ du, dΔ), [1] Σ_n g A a h_{t-1} (→ dΔ), [2] Σ_n C h (→ dz)
+        s_sums = cuda.shared.array((3, SLOTS, CH, DG), real)
         s_zero = cuda.shared.array(1, _u32)             # 0, re-read every chunk (see below)
         if tid == 0:
             s_zero[0] = 0
@@ -593,6 +626,7 @@ def _make_backward_kernel(real, DG, NT, NPT, S, K, min_blocks, WARP_SUMS=False):
         h_start = cuda.local.array(NPT, real)
         later = cuda.local.array(NPT, real)
         dA_sum = cuda.local.array(NPT, real)
+        terms = cuda.local.array(TERMS, real)           # one step's dB, dC terms, before their sums
 
         dD_sum = zero        # this thread's channel is the same in every epilogue below
         dbias_sum = zero
@@ -619,7 +653,7 @@ def _make_backward_kernel(real, DG, NT, NPT, S, K, min_blocks, WARP_SUMS=False):
                 row0 = _u32(seg * K) + s_zero[0]
                 _stage_inputs(u, delta, bias, Bm, Cm, s_step, s_step_u, s_u, s_B, s_C,
                               batch, t_first, d_first, group * NP, softplus, threshold, zero, staged, THREADS)
-                _stage_output_grad(dout, z, s_dy, s_dB, s_dC, s_gB, s_gAh, s_y,
+                _stage_output_grad(dout, z, s_dy, s_dBC, s_sums,
                                    batch, t_first, d_first, has_z, not WARP_SUMS, zero, one, THREADS)
                 for j in range(NPT):
                     n = group * NP + nt * NPT + j
@@ -660,7 +694,12 @@ def _make_backward_kernel(real, DG, NT, NPT, S, K, min_blocks, WARP_SUMS=False):
                         prod[j] = prod[j] * decay[k, j]
                         y += s_C[t, col0 + _u32(j)] * h[j]
                     if has_z:         # Σ over state threads (with WARP_SUMS: this warp's, into its slot)
-                        _add_summed(s_y, slot, t, lane, y, WARP_SUMS, DG, NT_IN_WARP, leader)
+                        if WARP_SUMS:
+                            y = _xor_sum(y, DG, NT_IN_WARP)
+                            if leader:
+                                s_sums[2, slot, t, lane] = y
+                        else:
+                            cuda.atomic.add(s_sums, (2, 0, t, lane), y)
 
                 # adjoint, locally from a_{t+1} g_{t+1} = 0 at the segment's end:
                 # g_t = C_t dy_t + (a_{t+1} g_{t+1}); what leaves the segment is a_first g_first
@@ -704,18 +743,32 @@ def _make_backward_kernel(real, DG, NT, NPT, S, K, min_blocks, WARP_SUMS=False):
                         gB += g * Bv
                         gAh += g * A_row[j] * decayed
                         dA_sum[j] += g * step * decayed
-                        if WARP_SUMS:   # Σ over the channel lanes: this (t, n) belongs to them alone
-                            dB_t = _xor_sum(g * step_u, 1, DG)
-                            dC_t = _xor_sum(dy * states[k, j], 1, DG)
-                            if lane == 0:
-                                s_dB[t, nl] = dB_t
-                                s_dC[t, nl] = dC_t
+                        if WARP_SUMS:   # summed over the channel lanes below
+                            terms[j] = g * step_u
+                            terms[NPT + j] = dy * states[k, j]
                         else:
-                            cuda.atomic.add(s_dB, (t, nl), g * step_u)
-                            cuda.atomic.add(s_dC, (t, nl), dy * states[k, j])
+                            cuda.atomic.add(s_dBC, (0, t, nl), g * step_u)
+                            cuda.atomic.add(s_dBC, (1, t, nl), dy * states[k, j])
                         later[j] = decay[k, j] * g
-                    _add_summed(s_gB, slot, t, lane, gB, WARP_SUMS, DG, NT_IN_WARP, leader)
-                    _add_summed(s_gAh, slot, t, lane, gAh, WARP_SUMS, DG, NT_IN_WARP, leader)
+                    if WARP_SUMS:
+                        # dB_t, dC_t: Σ over the channel lanes (this (t, n) belongs to them alone), each
+                        # sum ending on one lane, which stores it: (dB, dC) × NPT states = TERMS sums
+                        start = _scatter_sums(terms, TERMS, lane, 1, DG)
+                        if lane < TERMS:
+                            for i in range(max(1, TERMS // DG)):
+                                index = _u32(start + i)
+                                s_dBC[index // NPT, t, col0 + index % NPT] = terms[i]
+                        # Σ_n g B and Σ_n g A a h over this warp's state threads, into its slot (a
+                        # scatter of these two would save 2 of 8 instructions, but then the compiler
+                        # no longer unrolls this loop, and decay, states go to local memory)
+                        gB = _xor_sum(gB, DG, NT_IN_WARP)
+                        gAh = _xor_sum(gAh, DG, NT_IN_WARP)
+                        if leader:
+                            s_sums[0, slot, t, lane] = gB
+                            s_sums[1, slot, t, lane] = gAh
+                    else:
+                        cuda.atomic.add(s_sums, (0, 0, t, lane), gB)
+                        cuda.atomic.add(s_sums, (1, 0, t, lane), gAh)
                 cuda.syncthreads()
 
                 # per (t, d): du, dΔ, dz; per (t, n): dB, dC into global memory
@@ -731,9 +784,9 @@ def _make_backward_kernel(real, DG, NT, NPT, S, K, min_blocks, WARP_SUMS=False):
                         gAh = zero
                         y = zero
                         for q in range(SLOTS):
-                            gB += s_gB[q, t_local, ln]
-                            gAh += s_gAh[q, t_local, ln]
-                            y += s_y[q, t_local, ln]
+                            gB += s_sums[0, q, t_local, ln]
+                            gAh += s_sums[1, q, t_local, ln]
+                            y += s_sums[2, q, t_local, ln]
                         if group > 0:          # earlier state groups left their partial sums here
                             gB += du[batch, t, dd]
                             gAh += ddelta[batch, t, dd]
@@ -768,8 +821,8 @@ def _make_backward_kernel(real, DG, NT, NPT, S, K, min_blocks, WARP_SUMS=False):
                     t = _u32(t_first + t_local)
                     n = _u32(group * NP + nl)
                     if index < CH * NP and t < T and n < N:
-                        cuda.atomic.add(dBm, (batch, t, n), s_dB[t_local, nl])
-                        cuda.atomic.add(dCm, (batch, t, n), s_dC[t_local, nl])
+                        cuda.atomic.add(dBm, (batch, t, n), s_dBC[0, t_local, nl])
+                        cuda.atomic.add(dCm, (batch, t, n), s_dBC[1, t_local, nl])
 
             for j in range(NPT):
                 n = group * NP + nt * NPT + j
@@ -786,7 +839,7 @@ def _make_backward_kernel(real, DG, NT, NPT, S, K, min_blocks, WARP_SUMS=False):
 
 if cuda is not None:
     @cuda.jit(device=True)
-    def _stage_output_grad(dout, z, s_dy, s_dB, s_dC, s_gB, s_gAh, s_y, batch, t_first, d_first,
+    def _stage_output_grad(dout, z, s_dy, s_dBC, s_sums, batch, t_first, d_first,
                            has_z, zero_sums, zero, one, threads):
         """dy = dout · SiLU(z) (or dout) for one chunk into shared memory; with zero_sums, zero the
         chunk's sums (the atomics add into them; the warp sums store every element instead).
@@ -794,7 +847,7 @@ if cuda is not None:
         tid = cuda.threadIdx.x
         CH = s_dy.shape[0]
         DG = s_dy.shape[1]
-        NP = s_dB.shape[1]
+        NP = s_dBC.shape[2]
         T = dout.shape[1]
         channels = dout.shape[2]
         for r in range((CH * DG + threads - 1) // threads):
@@ -812,15 +865,14 @@ if cuda is not None:
             if index < CH * DG:
                 s_dy[t_local, ln] = dy
                 if zero_sums:
-                    s_gB[0, t_local, ln] = zero
-                    s_gAh[0, t_local, ln] = zero
-                    s_y[0, t_local, ln] = zero
+                    for which in range(3):
+                        s_sums[which, 0, t_local, ln] = zero
         if zero_sums:
             for r in range((CH * NP + threads - 1) // threads):
                 index = _u32(tid + r * threads)
                 if index < CH * NP:
-                    s_dB[index // NP, index % NP] = zero
-                    s_dC[index // NP, index % NP] = zero
+                    s_dBC[0, index // NP, index % NP] = zero
+                    s_dBC[1, index // NP, index % NP] = zero
 
 
 # ----------------------------------------------------------------------------------------------
