@@ -35,7 +35,7 @@ Inside a chunk the scan is two-level, with the associative operator of the refer
   1. each thread scans its own STEPS steps from h = 0 in registers, keeping a_t and b_t;
      its segment's aggregate is (Π a_t, h_local);
   2. every segment folds the aggregates of the segments before it, read from shared memory
-     (_segment_scan); the first one holds the state carried out of the previous chunk, so every
+     (_fold_segments); the first one holds the state carried out of the previous chunk, so every
      segment learns the state it starts from;
   3. fix-up: each thread replays its steps from that state, h_t = a_t h_{t-1} + b_t (computing a_t
      and b_t again, which needs fewer registers per thread than keeping them, 92 against 121 on sm_90
@@ -47,7 +47,8 @@ The only per-step state that reaches global memory is the state entering every c
 (B, n_chunks, N, D): the backward rebuilds each chunk's states from it (steps 1-3 again), runs the
 adjoint recurrence backwards the same two-level way (the reverse scan carries a_t g_t of a chunk's
 first step into the chunk before it: the a_{t+1} shift across the boundary), and reads the gradients
-off (g_t, h_t). dB and dC (sums over channels) are added with atomics, first into shared-memory
+off (g_t, h_t). The adjoint's local scan needs only a_t, C_t and dy_t, not the states, so both local
+scans run before one barrier, after which both folds run. dB and dC (sums over channels) are added with atomics, first into shared-memory
 tiles and then, once per chunk, into float32/float64 global buffers; dA, dD and ddelta_bias too.
 The backward is therefore not bit-for-bit deterministic. With ScanConfig.bwd_warp_sums the sums
 over a warp's lanes are taken by shuffles first: a step's dB, dC terms over the channel lanes by a
@@ -326,7 +327,11 @@ def _make_forward_kernel(real, DG, NT, NPT, S, K, min_blocks, STORE_STEPS):
                         h[j] = prod[j] * carry_in[j] + h[j]
 
                 # 2. scan of the segment aggregates across the block
-                _segment_scan(s_scan_a, s_scan_h, prod, h, carry_in, seg, col0, lane, NPT, S, False)
+                for j in range(NPT):
+                    s_scan_a[seg, col0 + _u32(j), lane] = prod[j]
+                    s_scan_h[seg, col0 + _u32(j), lane] = h[j]
+                cuda.syncthreads()
+                _fold_segments(s_scan_a, s_scan_h, prod, h, carry_in, seg, col0, lane, NPT, S, False)
                 for j in range(NPT):
                     if seg == S - 1:
                         s_carry[col0 + _u32(j), lane] = h[j]      # the state entering the next chunk
@@ -391,6 +396,7 @@ if cuda is not None:
         elements), and stores them afterwards: the loads are in flight together, one trip to
         memory per chunk instead of one per element (a store to shared memory between two loads
         keeps the second waiting for the first).
+        s_u may be None: the backward reads u where it needs it, for the shared memory of its scans.
         """
         tid = _u32(cuda.threadIdx.x)
         CH = s_step.shape[0]
@@ -433,7 +439,8 @@ if cuda is not None:
                     step = _softplus(step, threshold)
                 s_step[t_local, ln] = step
                 s_step_u[t_local, ln] = step * staged[r, 1]
-                s_u[t_local, ln] = staged[r, 1]
+                if s_u is not None:
+                    s_u[t_local, ln] = staged[r, 1]
         for r in range(per_state):
             index = tid + _u32(r * threads)
             if index < CH * NP:
@@ -441,25 +448,22 @@ if cuda is not None:
                 s_C[_u32(index // NP), _u32(index % NP)] = staged[per_channel + r, 1]
 
     @cuda.jit(device=True)
-    def _segment_scan(s_a, s_h, prod, h, entering, seg, col0, lane, NPT, S, reverse):
+    def _fold_segments(s_a, s_h, prod, h, entering, seg, col0, lane, NPT, S, reverse):
         """Scan of the segments' aggregates (Π a, h) with ∘ across the block.
 
-        Every thread stores its segment's aggregate (prod, h) (NPT,); after one barrier, each segment
-        folds the h parts of the segments before it in order, state ← a_p state + h_p (when reverse:
-        of the segments after it, from the last one back: the adjoint runs backwards in time).
-        The first segment's aggregate already holds the state carried into the chunk, so the fold
-        is the state entering the segment: it goes into entering (NPT,), for every segment but the
-        first, and h becomes the state leaving the segment, prod · entering + h.
+        Every thread has stored its segment's aggregate (prod, h) (NPT,) in s_a[seg], s_h[seg], and
+        a barrier has passed. Each segment folds the h parts of the segments before it in order,
+        state ← a_p state + h_p (when reverse: of the segments after it, from the last one back: the
+        adjoint runs backwards in time). The first segment's aggregate already holds the state
+        carried into the chunk, so the fold is the state entering the segment: it goes into entering
+        (NPT,), for every segment but the first, and h becomes the state leaving the segment,
+        prod · entering + h.
 
         The fold takes the last segment S - 2 dependent steps. For the 4 or 8 segments of a chunk
         that beats a Hillis-Steele scan, whose log2(S) rounds take a barrier each and two buffers
-        between them: here one barrier and one buffer (on an H200 the backward, which scans twice
-        per chunk, got 24 % faster with this and the per-warp sums, docs/kernels.md).
+        between them: here one barrier and one buffer (on an H200 the backward got 24 % faster with
+        this and the per-warp sums, docs/kernels.md).
         """
-        for j in range(NPT):
-            s_a[seg, col0 + _u32(j), lane] = prod[j]
-            s_h[seg, col0 + _u32(j), lane] = h[j]
-        cuda.syncthreads()
         first = _u32(S - 1) if reverse else _u32(0)
         if seg != first:
             for j in range(NPT):
@@ -601,13 +605,14 @@ def _make_backward_kernel(real, DG, NT, NPT, S, K, min_blocks, WARP_SUMS=False):
 
         s_step = cuda.shared.array((CH, DG), real)
         s_step_u = cuda.shared.array((CH, DG), real)
-        s_u = cuda.shared.array((CH, DG), real)
         s_dy = cuda.shared.array((CH, DG), real)       # dL/dy = dout · SiLU(z)
         s_B = cuda.shared.array((CH, NP), real)
         s_C = cuda.shared.array((CH, NP), real)
         s_scan_a = cuda.shared.array((S, NP, DG), real)
         s_scan_h = cuda.shared.array((S, NP, DG), real)
-        s_from_later = cuda.shared.array((NP, DG), real)   # a_t g_t of the next chunk's first step
+        # adjoint aggregates; segment 0's slot then keeps a_t g_t of the chunk's first step (the
+        # reverse fold never reads it) for the chunk before, that is, the next one walked
+        s_scan_g = cuda.shared.array((S, NP, DG), real)
         s_dBC = cuda.shared.array((2, CH, NP), real)    # dB, dC: Σ over the block's channels, then atomics
         # sums over the states, per warp (WARP_SUMS) or by atomics into slot 0; the epilogue adds the slots
         # [0] Σ_n g B (→ du, dΔ), [1] Σ_n g A a h_{t-1} (→ dΔ), [2] Σ_n C h (→ dz)
@@ -625,6 +630,7 @@ def _make_backward_kernel(real, DG, NT, NPT, S, K, min_blocks, WARP_SUMS=False):
         prod = cuda.local.array(NPT, real)
         h_start = cuda.local.array(NPT, real)
         later = cuda.local.array(NPT, real)
+        adjoint = cuda.local.array(NPT, real)
         dA_sum = cuda.local.array(NPT, real)
         terms = cuda.local.array(TERMS, real)           # one step's dB, dC terms, before their sums
 
@@ -639,8 +645,6 @@ def _make_backward_kernel(real, DG, NT, NPT, S, K, min_blocks, WARP_SUMS=False):
                 A_row[j] = A[d, n] if (d_ok and n < N) else zero
                 A2[j] = A_row[j] * log2e
                 dA_sum[j] = zero
-                if seg == S - 1:
-                    s_from_later[col0 + _u32(j), lane] = zero   # no gradient flows out of the final state
 
             for chunk_back in range(n_chunks):
                 chunk = n_chunks - 1 - chunk_back
@@ -651,7 +655,7 @@ def _make_backward_kernel(real, DG, NT, NPT, S, K, min_blocks, WARP_SUMS=False):
                 # unrolled loops (most of them atomics) on the fly instead of hoisting them out of
                 # the chunk loop into registers, which would cost ~100 registers per thread.
                 row0 = _u32(seg * K) + s_zero[0]
-                _stage_inputs(u, delta, bias, Bm, Cm, s_step, s_step_u, s_u, s_B, s_C,
+                _stage_inputs(u, delta, bias, Bm, Cm, s_step, s_step_u, None, s_B, s_C,
                               batch, t_first, d_first, group * NP, softplus, threshold, zero, staged, THREADS)
                 _stage_output_grad(dout, z, s_dy, s_dBC, s_sums,
                                    batch, t_first, d_first, has_z, not WARP_SUMS, zero, one, THREADS)
@@ -659,11 +663,14 @@ def _make_backward_kernel(real, DG, NT, NPT, S, K, min_blocks, WARP_SUMS=False):
                     n = group * NP + nt * NPT + j
                     if seg == 0:
                         h_start[j] = carries[batch, chunk, n, d] if (d_ok and n < N) else zero
-                    if seg == S - 1:
-                        later[j] = s_from_later[col0 + _u32(j), lane]
+                    if seg == S - 1:      # no gradient flows out of the final state
+                        later[j] = s_scan_g[0, col0 + _u32(j), lane] if chunk_back > 0 else zero
                 cuda.syncthreads()
 
-                # rebuild the chunk's states: local scan, scan across segments, fix-up
+                # Local scans of this segment: of the states forward from h = 0, and of the adjoint
+                # backward from a_{t+1} g_{t+1} = 0 at the segment's end, g_t = C_t dy_t + a_{t+1}
+                # g_{t+1} (what leaves the segment is a_first g_first). Both aggregates have the
+                # same product Π a_t, and both are scanned across the segments after one barrier.
                 for j in range(NPT):
                     h[j] = zero
                     prod[j] = one
@@ -678,20 +685,39 @@ def _make_backward_kernel(real, DG, NT, NPT, S, K, min_blocks, WARP_SUMS=False):
                         states[k, j] = b
                         h[j] = a * h[j] + b
                         prod[j] = prod[j] * a
-                if seg == 0:
+                for j in range(NPT):
+                    adjoint[j] = zero
+                for kk in range(K):
+                    k = K - 1 - kk
+                    t = row0 + _u32(k)
+                    dy = s_dy[t, lane]
                     for j in range(NPT):
+                        g = adjoint[j] + s_C[t, col0 + _u32(j)] * dy
+                        adjoint[j] = decay[k, j] * g
+                for j in range(NPT):
+                    if seg == 0:
                         h[j] = prod[j] * h_start[j] + h[j]
-                _segment_scan(s_scan_a, s_scan_h, prod, h, h_start, seg, col0, lane, NPT, S, False)
+                    if seg == S - 1:
+                        adjoint[j] = prod[j] * later[j] + adjoint[j]
+                    s_scan_a[seg, col0 + _u32(j), lane] = prod[j]
+                    s_scan_h[seg, col0 + _u32(j), lane] = h[j]
+                    s_scan_g[seg, col0 + _u32(j), lane] = adjoint[j]
+                cuda.syncthreads()
+                _fold_segments(s_scan_a, s_scan_h, prod, h, h_start, seg, col0, lane, NPT, S, False)
+                _fold_segments(s_scan_a, s_scan_g, prod, adjoint, later, seg, col0, lane, NPT, S, True)
+                if seg == 0:      # a_t g_t of the chunk's first step, for the chunk before it
+                    for j in range(NPT):
+                        s_scan_g[0, col0 + _u32(j), lane] = adjoint[j]
+
+                # fix-up: the states from the segment's true starting state
                 for j in range(NPT):
                     h[j] = h_start[j]
-                    prod[j] = one
                 for k in range(K):
                     t = row0 + _u32(k)
                     y = zero
                     for j in range(NPT):
                         h[j] = decay[k, j] * h[j] + states[k, j]
                         states[k, j] = h[j]
-                        prod[j] = prod[j] * decay[k, j]
                         y += s_C[t, col0 + _u32(j)] * h[j]
                     if has_z:         # Σ over state threads (with WARP_SUMS: this warp's, into its slot)
                         if WARP_SUMS:
@@ -701,32 +727,11 @@ def _make_backward_kernel(real, DG, NT, NPT, S, K, min_blocks, WARP_SUMS=False):
                         else:
                             cuda.atomic.add(s_sums, (2, 0, t, lane), y)
 
-                # adjoint, locally from a_{t+1} g_{t+1} = 0 at the segment's end:
-                # g_t = C_t dy_t + (a_{t+1} g_{t+1}); what leaves the segment is a_first g_first
-                for j in range(NPT):
-                    h[j] = zero
-                for kk in range(K):
-                    k = K - 1 - kk
-                    t = row0 + _u32(k)
-                    dy = s_dy[t, lane]
-                    for j in range(NPT):
-                        g = h[j] + s_C[t, col0 + _u32(j)] * dy
-                        h[j] = decay[k, j] * g
-                if seg == S - 1:
-                    for j in range(NPT):
-                        h[j] = prod[j] * later[j] + h[j]
-                cuda.syncthreads()    # everyone has read the forward scan's results
-                _segment_scan(s_scan_a, s_scan_h, prod, h, later, seg, col0, lane, NPT, S, True)
-                for j in range(NPT):
-                    if seg == 0:
-                        s_from_later[col0 + _u32(j), lane] = h[j]   # into the previous chunk
-
                 # replay the adjoint from the true a_{t+1} g_{t+1} and read the gradients off
                 for kk in range(K):
                     k = K - 1 - kk
                     t = row0 + _u32(k)
                     step = s_step[t, lane]
-                    value = s_u[t, lane]
                     step_u = s_step_u[t, lane]
                     dy = s_dy[t, lane]
                     gB = zero
@@ -793,7 +798,7 @@ def _make_backward_kernel(real, DG, NT, NPT, S, K, min_blocks, WARP_SUMS=False):
                             if has_z:
                                 y += dz[batch, t, dd]
                         if last_group:
-                            value = s_u[t_local, ln]
+                            value = staged[r, 1]      # u: _stage_inputs gave this thread the same elements
                             dy = s_dy[t_local, ln]
                             step_grad = value * gB + gAh
                             if softplus:
