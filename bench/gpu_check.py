@@ -27,7 +27,7 @@ written after every section (results.json, timings.csv, summary.csv in --out):
   7. the peers (.whl/peers.py: copy bandwidth, fla chunk_linear_attn, mambapy pscan) in a subprocess;
   8. while time allows (--sweep-until), a sweep of the linear-attention tiles (float FMAs or tensor
      cores) and of the scan's block shapes (--sweeps), each entry's output and gradients checked
-     against the default's;
+     against the default's, its whole calls timed and the GPU time of each of its kernels;
   9. one table, printed last, of our figures, the peers' and the ratios against the targets (time
      growth with L included), with the fastest entries of the sweeps.
 
@@ -672,6 +672,27 @@ def kernel_events():
         dispatcher.CUDADispatcher.call = original
 
 
+def kernel_times(call, repeats):
+    """(the call's GPU time, {kernel: its GPU time summed over its launches in the call}) in ms, each
+    the median over repeats, from CUDA events around the call and around every launch."""
+    from numba import cuda
+    per_kernel, totals = {}, []
+    for _ in range(repeats):
+        with kernel_events() as launches:
+            start, end = cuda.event(), cuda.event()
+            start.record()
+            call()
+            end.record()
+            end.synchronize()
+        totals.append(_event_ms(start, end, float("nan")))
+        summed = {}
+        for name, first, last in launches:
+            summed[name] = summed.get(name, 0.0) + _event_ms(first, last, float("nan"))
+        for name, ms in summed.items():
+            per_kernel.setdefault(name, []).append(ms)
+    return statistics.median(totals), {name: statistics.median(values) for name, values in per_kernel.items()}
+
+
 def section_kernel_times(results, smoke, repeats=7):
     """The GPU time of each kernel of a call (events around every launch; median over repeats,
     summed over a kernel's launches in the call) next to the call's own time: their difference is
@@ -685,22 +706,8 @@ def section_kernel_times(results, smoke, repeats=7):
     for label, call in calls.items():
         call()
         cuda.synchronize()
-        per_kernel, totals = {}, []
-        for _ in range(2 if smoke else repeats):
-            with kernel_events() as launches:
-                start, end = cuda.event(), cuda.event()
-                start.record()
-                call()
-                end.record()
-                end.synchronize()
-            totals.append(_event_ms(start, end, float("nan")))
-            summed = {}
-            for name, first, last in launches:
-                summed[name] = summed.get(name, 0.0) + _event_ms(first, last, float("nan"))
-            for name, ms in summed.items():
-                per_kernel.setdefault(name, []).append(ms)
-        kernels = {name: statistics.median(values) for name, values in per_kernel.items()}
-        row = {"call": label, "call_ms": statistics.median(totals), "kernels_ms": sum(kernels.values()), **kernels}
+        call_ms, kernels = kernel_times(call, 2 if smoke else repeats)
+        row = {"call": label, "call_ms": call_ms, "kernels_ms": sum(kernels.values()), **kernels}
         results.data["kernel_times"].append(row)
         log(f"{label:<22} call {row['call_ms']:7.3f} ms   kernels {row['kernels_ms']:7.3f} ms   " +
             "  ".join(f"{name} {ms:.3f}" for name, ms in kernels.items()))
@@ -732,8 +739,10 @@ LA_SWEEP = [  # linear attention: (tile = chunk, register tile, launch bounds: b
 def run_sweep(results, op, entries, configure, restore, forward, backward, L, until_s):
     """For each entry while the run is younger than until_s: configure(entry) -> its description;
     check the output and every gradient against the first entry's; time forward and forward +
-    backward; record a row of the sweep table. A failing entry is reported and the next one runs;
-    restore() puts the default configuration back after every entry."""
+    backward, and each kernel of forward + backward; record a row of the sweep table. A failing
+    entry is reported and the next one runs; restore() puts the default configuration back after
+    every entry."""
+    from minilm.kernels.cuda import _device
     reference = None
     for entry in entries:
         if elapsed() > until_s and not QUICK:
@@ -751,8 +760,11 @@ def run_sweep(results, op, entries, configure, restore, forward, backward, L, un
             error = max(relative_error(a, b) for a, b in zip(outputs, reference))
             t_fwd = time_gpu(forward, warmup=1, repeats=7)
             t_both = time_gpu(lambda: backward(forward()[1]), warmup=1, repeats=3)
+            # each kernel's GPU time too: whole calls carry the host's noise (~25 % in sweeps)
+            kernels = {} if _device.simulator_enabled() else \
+                {f"{name}_ms": ms for name, ms in kernel_times(lambda: backward(forward()[1]), 3)[1].items()}
             _record_timing(results, "sweep", op=op, shape=shape, L=L, **t_fwd, fwdbwd_ms=t_both["ms"],
-                           rel_error_vs_default=error)
+                           rel_error_vs_default=error, **kernels)
         except Exception as error:
             log(f"!!! sweep {shape} failed: {error!r}")
             results.data["errors"].append({"section": f"sweep {shape}", "error": repr(error)[:300]})
