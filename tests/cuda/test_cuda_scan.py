@@ -138,6 +138,12 @@ def test_segment_scan_over_four_segments(blocks):
     compare(1, 7, 2, 2, np.float64, 5)
 
 
+def test_one_segment_per_chunk(blocks):
+    """One segment: nothing to fold; the adjoint passed to the chunk before is the segment's own."""
+    blocks(dict(SMALL, fwd_segments=1, fwd_steps=4, bwd_segments=1, bwd_steps=4))
+    compare(1, 10, 3, 3, np.float64, 13)
+
+
 def test_odd_block_shape(blocks):
     """Three channels and three state threads of one state each, chunks of 2 x 3 steps."""
     blocks(dict(channels=3, state_threads=3, states_per_thread=1, fwd_segments=2, fwd_steps=3,
