@@ -48,8 +48,9 @@ The only per-step state that reaches global memory is the state entering every c
 adjoint recurrence backwards the same two-level way (the reverse scan carries a_t g_t of a chunk's
 first step into the chunk before it: the a_{t+1} shift across the boundary), and reads the gradients
 off (g_t, h_t). The adjoint's local scan needs only a_t, C_t and dy_t, not the states, so both local
-scans run before one barrier, after which both folds run. dB and dC (sums over channels) are added with atomics, first into shared-memory
-tiles and then, once per chunk, into float32/float64 global buffers; dA, dD and ddelta_bias too.
+scans run before one barrier, after which both folds run. dB and dC (sums over channels) are added
+with atomics, first into shared-memory tiles and then, once per chunk, into float32/float64 global
+buffers; dA, dD and ddelta_bias too.
 The backward is therefore not bit-for-bit deterministic. With ScanConfig.bwd_warp_sums the sums
 over a warp's lanes are taken by shuffles first: a step's dB, dC terms over the channel lanes by a
 reduce-scatter (_scatter_sums: each of the 2 × STATES_PER_THREAD sums ends on its own lane), the
@@ -396,7 +397,7 @@ if cuda is not None:
         elements), and stores them afterwards: the loads are in flight together, one trip to
         memory per chunk instead of one per element (a store to shared memory between two loads
         keeps the second waiting for the first).
-        s_u may be None: the backward reads u where it needs it, for the shared memory of its scans.
+        s_u may be None: the backward, short of shared memory, takes u from `staged` instead.
         """
         tid = _u32(cuda.threadIdx.x)
         CH = s_step.shape[0]
@@ -510,8 +511,8 @@ if cuda is not None:
         # Loops with fixed trip counts (lanes <= 32; count // 2, left early): the compiler unrolls
         # them, and then the caller's loop over the steps too. With `while bit < lanes` or
         # `range(half)` it did not, and the caller's per-step arrays went to local memory.
-        for round in range(5):
-            bit = 1 << round
+        for level in range(5):
+            bit = 1 << level
             if bit < lanes:
                 partner = bit * first
                 if half > 0:
