@@ -214,6 +214,14 @@ def test_unsupported_options_raise():
         cuda_la.forward(q, k, v, normalize=True)
 
 
+def test_more_batch_and_heads_than_a_grid_axis_holds_raise():
+    """One block per (batch, head) pair along a grid axis of at most 65535 blocks: beyond, a clear
+    error before any launch (the driver's own error does not say why)."""
+    q = np.zeros((2, 32768, 1, 1), np.float32)
+    with pytest.raises(ValueError, match=r"q has 65536 \(batch, head\) pairs.*at most 65535"):
+        cuda_la.forward(q, q, q)
+
+
 def words_per_bank(addresses):
     """Distinct 4-byte words a warp touches in its busiest shared-memory bank (32 banks): the
     passes the access takes."""

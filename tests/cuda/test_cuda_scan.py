@@ -303,6 +303,14 @@ def test_every_option_is_supported():
     assert cuda_scan.available()[0]
 
 
+def test_more_batch_entries_than_a_grid_axis_holds_raise():
+    """One block row per batch entry along a grid axis of at most 65535 blocks: beyond, a clear error
+    before any launch."""
+    arrays, _ = make_inputs(65536, 1, 1, 1, np.float32, 14)
+    with pytest.raises(ValueError, match="u has 65536 batch entries.*at most 65535"):
+        cuda_scan.forward(*arrays.values())
+
+
 def test_mismatched_dtypes_are_rejected(blocks):
     blocks(SMALL)
     arrays, _ = make_inputs(1, 3, 1, 1, np.float32, 7)

@@ -88,6 +88,17 @@ def device_name():
     return reason if ok else f"unavailable: {reason}"
 
 
+GRID_YZ_LIMIT = 65535    # the most blocks a CUDA grid has along its y or z axis
+
+
+def check_grid_axis(name, what, blocks):
+    """ValueError naming the argument `name` when a launch would need more than GRID_YZ_LIMIT blocks
+    along a grid's y or z axis, one for each of `what` (the kernels put the batch there)."""
+    if blocks > GRID_YZ_LIMIT:
+        raise ValueError(f"{name} has {blocks} {what}; the CUDA kernels launch a block for each along a "
+                         f"grid axis that holds at most {GRID_YZ_LIMIT}: split the batch")
+
+
 def jit_kernel(threads, min_blocks):
     """cuda.jit with launch bounds: the compiler keeps each thread's registers low enough for
     `min_blocks` blocks of `threads` threads to share a multiprocessor (0: no bound). The simulator,

@@ -802,6 +802,7 @@ def forward(q, k, v, causal=True, chunk_size=64, feature_map="identity", scale=N
         if array.dtype != dtype:
             raise TypeError(f"{label} must have the same dtype as q ({dtype}), got {array.dtype}")
     B, H, T, Dk = q_d.shape
+    _device.check_grid_axis("q", "(batch, head) pairs", B * H)
     Dv = v_d.shape[3]
     scale = 1.0 if scale is None else float(scale)
     fmap = FEATURE_MAPS[feature_map]

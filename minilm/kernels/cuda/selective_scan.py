@@ -912,6 +912,7 @@ def forward(u, delta, A, Bm, Cm, D=None, z=None, delta_bias=None, delta_softplus
         if array.dtype != dtype:
             raise TypeError(f"{label} must have the same dtype as u ({dtype}), got {array.dtype}")
     batch, T, channels = u_d.shape
+    _device.check_grid_axis("u", "batch entries", batch)
     N = A_d.shape[1]
     D_d = _device.to_device("D", D) if D is not None else _device.placeholder((channels,), dtype)
     bias_d = _device.to_device("delta_bias", delta_bias) if delta_bias is not None \
