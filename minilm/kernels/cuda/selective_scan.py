@@ -198,9 +198,10 @@ def _numba_type(dtype):
 
 
 def _layout(config, N):
-    """(state_threads, states_per_thread) used for N states: no more threads than states need."""
-    per_thread = min(config.states_per_thread, N)
-    threads = min(config.state_threads, -(-N // per_thread))
+    """(state_threads, states_per_thread) used for N states: no more threads than states need (one
+    thread of one state for N = 0: y = D u then, which the kernels still compute)."""
+    per_thread = max(1, min(config.states_per_thread, N))
+    threads = max(1, min(config.state_threads, -(-N // per_thread)))
     return threads, per_thread
 
 
@@ -275,7 +276,7 @@ def _make_forward_kernel(real, DG, NT, NPT, S, K, min_blocks, STORE_STEPS):
         carry_in = cuda.local.array(NPT, real)
 
         n_chunks = (T + CH - 1) // CH
-        n_groups = (N + NP - 1) // NP
+        n_groups = max(1, (N + NP - 1) // NP)    # one pass even for N = 0: the skip term D u
         for group in range(n_groups):
             for j in range(NPT):
                 n = group * NP + nt * NPT + j
@@ -639,7 +640,7 @@ def _make_backward_kernel(real, DG, NT, NPT, S, K, min_blocks, WARP_SUMS=False):
         dbias_sum = zero
 
         n_chunks = (T + CH - 1) // CH
-        n_groups = (N + NP - 1) // NP
+        n_groups = max(1, (N + NP - 1) // NP)    # one pass even for N = 0: the skip term D u
         for group in range(n_groups):
             for j in range(NPT):
                 n = group * NP + nt * NPT + j
@@ -927,8 +928,9 @@ def forward(u, delta, A, Bm, Cm, D=None, z=None, delta_bias=None, delta_softplus
     final_state = _device.empty((batch, channels, N), dtype, kind)
     kernel, threads = _forward_kernel(dtype, config, N)
     grid = (-(-channels // config.channels), batch)
-    kernel[grid, threads](u_d, delta_d, A_d, B_d, C_d, D_d, z_d, bias_d, h0_d, out, carries, final_state,
-                          int(z is not None), int(initial_state is not None), int(bool(delta_softplus)))
+    if batch and channels:      # a CUDA grid cannot be empty; an empty input has nothing to compute
+        kernel[grid, threads](u_d, delta_d, A_d, B_d, C_d, D_d, z_d, bias_d, h0_d, out, carries, final_state,
+                              int(z is not None), int(initial_state is not None), int(bool(delta_softplus)))
 
     cache = {"backend": "cuda", "kind": kind, "config": config,
              "u": u_d, "delta": delta_d, "A": A_d, "Bm": B_d, "Cm": C_d, "D": D_d, "z": z_d,
@@ -966,10 +968,11 @@ def backward(dout, cache):
         [(channels, N), (batch, T, N), (batch, T, N), (channels,), (channels,)], dtype, kind)
     kernel, threads = _backward_kernel(dtype, config, N)
     grid = (-(-channels // config.channels), batch)
-    kernel[grid, threads](dout_d, u_d, cache["delta"], cache["A"], cache["Bm"], cache["Cm"], cache["D"],
-                          cache["z"], cache["delta_bias"], cache["carries"],
-                          du, ddelta, dz, dA, dBm, dCm, dD, dbias,
-                          int(cache["has_z"]), int(cache["delta_softplus"]))
+    if batch and channels:      # as in the forward: nothing to compute, and the sums stay zero
+        kernel[grid, threads](dout_d, u_d, cache["delta"], cache["A"], cache["Bm"], cache["Cm"], cache["D"],
+                              cache["z"], cache["delta_bias"], cache["carries"],
+                              du, ddelta, dz, dA, dBm, dCm, dD, dbias,
+                              int(cache["has_z"]), int(cache["delta_softplus"]))
 
     def back(array, present=True):
         return _device.from_device(array, kind) if present else None
