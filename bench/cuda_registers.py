@@ -151,8 +151,8 @@ def la_signatures():
     i, f = int64, float32
     return {"outer": (a4, a4, a3, a4, a3, i, i, i, i, i, boolean, f),
             "output": (a4, a4, a4, a3, a4, a4, i, i, i, i, i, f),
-            "dq": (a4, a4, a4, a4, a3, a4, a4, a3, i, i, i, i, i, f),
-            "dk": (a4, a4, a4, a4, a3, a4, a4, a3, i, i, i, i, i, f),
+            "dq": (a4, a4, a4, a4, a3, a4, a4, a3, a4, i, i, i, i, i, f),
+            "dk": (a4, a4, a4, a3, a4, a4, a4, a3, i, i, i, i, i, f),
             "dv": (a4, a4, a4, a3, a4, a4, i, i, i, i, i, f)}
 
 

@@ -38,7 +38,9 @@ TENSOR_CORES set (float32), each warp a 16 × 32 part of it with TF32 tensor-cor
 or 3xTF32 for close to float32 accuracy; _tensor_cores.py); chunk states by a scan over chunks
 (chunk_scan_kernel), one thread per state entry, in place. The states entering every chunk,
 (B, H, n_chunks, Dk, Dv), are kept in the cache for the backward (the backward's G_c are built the
-same way); no T × T matrix and no per-token state is ever formed. The math is in the input dtype
+same way); no T × T matrix and no per-token state is ever formed. The backward keeps each chunk's
+C × C block of dP ⊙ M (T × C per batch and head): dq_kernel computes and stores it, dk_kernel reads
+it back transposed instead of computing dO Vᵀ a second time. The math is in the input dtype
 (float32: the speed path), with no fast-math flags. Gradients do not flow into initial_state or out
 of the final state.
 
@@ -211,6 +213,25 @@ if cuda is not None:
                     dst[c, r] = value
                 else:
                     dst[r, c] = value
+
+    @cuda.jit(device=True)
+    def _store_tile(dst, src, b, h, row0, threads):
+        """dst[b, h, row0 + r, c] <- src[r, c] for the whole TILE × TILE tile src in shared memory
+        (consecutive threads write consecutive columns: coalesced). threads: the block's size."""
+        TILE = src.shape[0]
+        tid = _u32(cuda.threadIdx.x)
+        for u in range(TILE * TILE // threads):
+            if threads % TILE == 0:
+                # each pass moves threads / TILE rows down the same column: the compiler then adds a
+                # constant to the first address instead of forming each one anew (on sm_90 about 7
+                # instructions per element with the shared-memory load, not 17)
+                r = tid // TILE + _u32(u * (threads // TILE))
+                c = tid % TILE
+            else:
+                index = tid + _u32(u * threads)
+                r = _u32(index // TILE)
+                c = _u32(index % TILE)
+            dst[b, h, row0 + r, c] = src[r, c]
 
     @cuda.jit(device=True)
     def _warp_origin(tid, tile):
@@ -550,8 +571,9 @@ def _make_kernels(real, TILE, R, min_blocks, LAYOUT, loads):
                 final[b, h, e] = running
 
     @_device.jit_kernel(THREADS, min_blocks)
-    def dq_kernel(q, k, v, do, g, states, dq, dgamma, T, Dk, Dv, fmap, decay_mode, scale):
-        """dq for one Dk tile: dφ(Q) = (dP ⊙ M) φ(K) + scale exp(Γ) dO S_cᵀ, dq = dφ(Q) ⊙ φ'(q)."""
+    def dq_kernel(q, k, v, do, g, states, dq, dgamma, scores, T, Dk, Dv, fmap, decay_mode, scale):
+        """dq for one Dk tile: dφ(Q) = (dP ⊙ M) φ(K) + scale exp(Γ) dO S_cᵀ, dq = dφ(Q) ⊙ φ'(q).
+        The blocks of the first Dk tile also store the chunk's dP ⊙ M in scores, for dk_kernel."""
         chunk = _u32(cuda.blockIdx.x)
         kt = cuda.blockIdx.y * TILE
         b, h = _batch_head(cuda.blockIdx.z, q.shape[1])
@@ -583,6 +605,8 @@ def _make_kernels(real, TILE, R, min_blocks, LAYOUT, loads):
         _masked_scores(s_1, acc, s_gamma, tid, LAYOUT, scale, False, zero)      # dP
         _load_tile(s_2, k, b, h, t_first, T, kt, Dk, False, fmap, s_gamma, False, one, staged, THREADS)
         cuda.syncthreads()
+        if kt == 0:
+            _store_tile(scores, s_1, b, h, t_first, THREADS)
         _tile_mma(acc_q, s_1, s_2, tid, LAYOUT)                   # dP φ(K)
         _zero(acc, zero)
         for vt in range(0, Dv, TILE):                        # dO S_cᵀ
@@ -596,8 +620,9 @@ def _make_kernels(real, TILE, R, min_blocks, LAYOUT, loads):
                          decay_mode, tid, LAYOUT, one, False, scale, THREADS)
 
     @_device.jit_kernel(THREADS, min_blocks)
-    def dk_kernel(q, k, v, do, g, grads, dk, dgamma, T, Dk, Dv, fmap, decay_mode, scale):
-        """dk for one Dk tile: dφ(K) = (dP ⊙ M)ᵀ φ(Q) + exp(Γ_end − Γ) V G_cᵀ, dk = dφ(K) ⊙ φ'(k)."""
+    def dk_kernel(q, k, v, g, grads, scores, dk, dgamma, T, Dk, Dv, fmap, decay_mode, scale):
+        """dk for one Dk tile: dφ(K) = (dP ⊙ M)ᵀ φ(Q) + exp(Γ_end − Γ) V G_cᵀ, dk = dφ(K) ⊙ φ'(k),
+        with dP ⊙ M as dq_kernel stored it in scores."""
         chunk = _u32(cuda.blockIdx.x)
         kt = cuda.blockIdx.y * TILE
         b, h = _batch_head(cuda.blockIdx.z, q.shape[1])
@@ -611,7 +636,6 @@ def _make_kernels(real, TILE, R, min_blocks, LAYOUT, loads):
         acc = cuda.local.array((AR, AC), real)
         staged = cuda.local.array(IN_FLIGHT, real)  # see _load_tile
         acc_k = cuda.local.array((AR, AC), real)
-        _zero(acc, zero)
         _zero(acc_k, zero)
         t_first = _u32(chunk * TILE)
         _cumulative_decay(s_gamma, g, decay_mode, b, h, t_first, T, zero, THREADS)
@@ -620,13 +644,8 @@ def _make_kernels(real, TILE, R, min_blocks, LAYOUT, loads):
             s_db[row] = zero
             row = _u32(row + THREADS)
 
-        for vt in range(0, Dv, TILE):                        # V dOᵀ = (dO Vᵀ)ᵀ
-            _load_tile(s_1, v, b, h, t_first, T, vt, Dv, False, -1, s_gamma, False, one, staged, THREADS)
-            _load_tile(s_2, do, b, h, t_first, T, vt, Dv, True, -1, s_gamma, False, one, staged, THREADS)
-            cuda.syncthreads()
-            _tile_mma(acc, s_1, s_2, tid, LAYOUT)
-            cuda.syncthreads()
-        _masked_scores(s_1, acc, s_gamma, tid, LAYOUT, scale, True, zero)       # dPᵀ
+        _load_tile(s_1, scores, b, h, t_first, t_first + TILE, 0, TILE, True, -1, s_gamma, False, one,
+                   staged, THREADS)                                          # (dP ⊙ M)ᵀ
         _load_tile(s_2, q, b, h, t_first, T, kt, Dk, False, fmap, s_gamma, False, one, staged, THREADS)
         cuda.syncthreads()
         _tile_mma(acc_k, s_1, s_2, tid, LAYOUT)                   # dPᵀ φ(Q)
@@ -883,10 +902,12 @@ def backward(do, cache):
     dv = _device.empty((B, H, T, Dv), dtype, kind)
     dgamma = _device.zeros((B, H, T), dtype, kind) if decay_mode != DECAY_NONE \
         else _device.placeholder((1, 1, 1), dtype)
+    # each chunk's masked dP = dO Vᵀ ⊙ M: the dq kernel computes and stores it, the dk kernel reads it
+    scores = _device.empty((B, H, n_chunks * tile, tile), dtype, kind)
     kernels["dq"][(n_chunks, _grid_tiles(Dk, tile), B * H), threads](
-        q_d, k_d, v_d, do_d, g_d, cache["states"], dq, dgamma, T, Dk, Dv, fmap, decay_mode, scale)
+        q_d, k_d, v_d, do_d, g_d, cache["states"], dq, dgamma, scores, T, Dk, Dv, fmap, decay_mode, scale)
     kernels["dk"][(n_chunks, _grid_tiles(Dk, tile), B * H), threads](
-        q_d, k_d, v_d, do_d, g_d, grads, dk, dgamma, T, Dk, Dv, fmap, decay_mode, scale)
+        q_d, k_d, v_d, g_d, grads, scores, dk, dgamma, T, Dk, Dv, fmap, decay_mode, scale)
     kernels["dv"][(n_chunks, _grid_tiles(Dv, tile), B * H), threads](
         q_d, k_d, do_d, g_d, grads, dv, T, Dk, Dv, fmap, decay_mode, scale)
 
