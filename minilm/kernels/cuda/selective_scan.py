@@ -38,7 +38,7 @@ Inside a chunk the scan is two-level, with the associative operator of the refer
      (_fold_segments); the first one holds the state carried out of the previous chunk, so every
      segment learns the state it starts from;
   3. fix-up: each thread replays its steps from that state, h_t = a_t h_{t-1} + b_t (computing a_t
-     and b_t again, which needs fewer registers per thread than keeping them, 92 against 121 on sm_90
+     and b_t again, which needs fewer registers per thread than keeping them, 92 against 109 on sm_90
      without launch bounds; on an H200 keeping them was no faster, see ScanConfig.fwd_store_steps
      and docs/kernels.md), and adds C_t h_t into y.
 
@@ -122,8 +122,8 @@ class ScanConfig:
     bwd_segments: int = 8
     bwd_steps: int = 8
     fwd_min_blocks: int = 4     # 63 registers, none spilled (sm_90): 4 blocks, 32 warps per multiprocessor
-    bwd_min_blocks: int = 2     # caps the backward's registers: 512 threads at 121 registers do not launch
-    fwd_store_steps: bool = False   # keeping a_t, b_t needs 121 registers, not 92 (sm_90, no launch bounds)
+    bwd_min_blocks: int = 2     # 64 registers, two 512-thread blocks per multiprocessor (unbounded: 96, one)
+    fwd_store_steps: bool = False   # keeping a_t, b_t needs 109 registers, not 92 (sm_90, no launch bounds)
     bwd_warp_sums: bool = True      # H200: backward 2.97 ms instead of 7.25 (B=4 L=4K D=1536 N=16)
 
     @property
