@@ -541,12 +541,9 @@ def _make_kernels(real, TILE, R, min_blocks, LAYOUT, loads):
         before chunk c is folded in, running <- exp(Γ_end,c) running + increment_c. Forward (states
         entering each chunk; `final` gets the last state) or reverse (gradients leaving each chunk)."""
         e = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
-        bh = cuda.blockIdx.y
-        heads = increments.shape[1]
+        b, h = _batch_head(cuda.blockIdx.y, increments.shape[1])
         n_chunks = increments.shape[2]
         size = increments.shape[3]
-        b = bh // heads
-        h = bh % heads
         if e < size:
             running = real(0)
             if has_initial:
@@ -713,11 +710,8 @@ def _make_kernels(real, TILE, R, min_blocks, LAYOUT, loads):
         """From ∂L/∂b (B, H, T): ∂L/∂g_r = Σ_{t ≥ r} ∂L/∂b_t (a reverse cumulative sum over time) into
         dlog (B, H, T), or, per_head, its sum over batch and time, Σ_t (t + 1) ∂L/∂b_t, into dlog (1, H, 1).
         One block per (b, h): each thread sums a stretch of time, a scan across threads joins them."""
-        bh = cuda.blockIdx.x
-        heads = db.shape[1]
+        b, h = _batch_head(cuda.blockIdx.x, db.shape[1])
         T = db.shape[2]
-        b = bh // heads
-        h = bh % heads
         tid = cuda.threadIdx.x
         threads = cuda.blockDim.x
         s_sum = cuda.shared.array(SCAN_THREADS, real)
