@@ -2,7 +2,9 @@
 
 Runs on a GPU or under the CUDA simulator (see conftest.py). Blocks are shrunk so that tiny inputs
 still cover every path: several chunks with the last one partial, several time segments (rounds of
-the segment scan), channels and states that do not fill a block, states in several groups.
+the segment scan), channels and states that do not fill a block, states in several groups. Both
+forward kernels run: the default, which keeps all states of a channel in one thread, and the one
+that spreads them over state threads (ScanConfig.fwd_spread_states).
 Forward output, final state and all eight gradients are compared on fresh random inputs,
 scale-aware: max|cuda - ref| / max|ref| <= 1e-5 in float32 and 1e-10 in float64.
 """
@@ -93,20 +95,48 @@ def compare(B, T, D, N, dtype, seed, softplus=True, a_scale=1.0, **flags):
 @pytest.mark.parametrize("B, T, D, N, dtype, seed, flags", [
     (1, 1, 1, 1, np.float64, 0, {}),                                         # T = 1, B = 1, N = 1
     (2, 9, 3, 3, np.float64, 1, {}),                                         # T not a multiple of the chunk (4)
-    (1, 7, 2, 5, np.float64, 2, dict(gate=False, state=False)),              # 5 states: two groups of 4
+    (1, 7, 2, 5, np.float64, 2, dict(gate=False, state=False)),              # 5 states: groups in the backward
     (2, 6, 3, 2, np.float32, 3, dict(softplus=False, bias=False, skip=False)),
     (1, 8, 2, 1, np.float32, 4, dict(gate=False)),
 ])
-def test_matches_reference(blocks, B, T, D, N, dtype, seed, flags):
-    blocks(SMALL)
+@pytest.mark.parametrize("spread", [False, True])
+def test_matches_reference(blocks, B, T, D, N, dtype, seed, flags, spread):
+    blocks(dict(SMALL, fwd_spread_states=spread))
     compare(B, T, D, N, dtype, seed, **flags)
 
 
-@pytest.mark.parametrize("B, T, D, N", [(2, 5, 3, 0), (0, 4, 3, 2), (2, 4, 0, 2)])
-def test_empty_dimensions(blocks, monkeypatch, B, T, D, N):
+@pytest.mark.parametrize("shape, B, T, D, N, dtype", [
+    # 5 states, at most 2 per thread: three groups (2, 2, 1), B and C staged one state at a time
+    (dict(SMALL, fwd_thread_states=2), 1, 7, 3, 5, np.float64),
+    # chunks of 3 x 2 steps; the backward's of 2 x 4: the forward stores the states at 0, 8, ...
+    (dict(SMALL, fwd_segments=3, bwd_steps=4), 2, 13, 3, 4, np.float32),
+    # 6 states in one thread, 12 (channel, state) pairs folded by 4 threads; B, C two at a time
+    (dict(SMALL), 1, 10, 2, 6, np.float64),
+    # 3 channels x 3 segments of 1 step: chunks of 3, a block that no channel count fills
+    (dict(channels=3, fwd_segments=3, fwd_steps=1, bwd_segments=3, bwd_steps=2), 1, 8, 4, 3, np.float64),
+])
+def test_forward_with_all_states_in_one_thread(blocks, shape, B, T, D, N, dtype):
+    """The default forward's own paths: states in groups, a forward chunk that is not the
+    backward's, more (channel, state) pairs than threads, odd block shapes."""
+    blocks(shape)
+    compare(B, T, D, N, dtype, 16)
+
+
+def test_block_shapes_are_checked():
+    """The forward must store the state entering every chunk of the backward."""
+    cuda_scan.ScanConfig(fwd_steps=8, bwd_segments=8, bwd_steps=8).check()
+    with pytest.raises(ValueError, match="segments \\(3 steps\\) do not divide the backward's chunk"):
+        cuda_scan.ScanConfig(fwd_steps=3).check()
+    with pytest.raises(ValueError, match="forward and backward chunks differ"):
+        cuda_scan.ScanConfig(fwd_spread_states=True, fwd_segments=4, fwd_steps=8).check()
+
+
+@pytest.mark.parametrize("B, T, D, N, spread", [(2, 5, 3, 0, False), (2, 5, 3, 0, True), (0, 4, 3, 2, False),
+                                                 (2, 4, 0, 2, False)])
+def test_empty_dimensions(blocks, monkeypatch, B, T, D, N, spread):
     """N = 0: no state, y = D u (gated), as the reference. B = 0 or D = 0: empty results and zero sums,
     with nothing launched (a CUDA grid cannot have an empty axis; the simulator would not mind)."""
-    blocks(SMALL)
+    blocks(dict(SMALL, fwd_spread_states=spread))
     if B * D == 0:
         def refuse(*args):
             raise AssertionError("a kernel was launched on an empty grid")
@@ -151,9 +181,10 @@ def test_decays_that_underflow_float32(blocks):
     compare(2, 9, 3, 3, np.float32, 12, a_scale=15.0)
 
 
-def test_segment_scan_over_four_segments(blocks):
+@pytest.mark.parametrize("spread", [False, True])
+def test_segment_scan_over_four_segments(blocks, spread):
     """Four segments per chunk: the last segment folds three aggregates, forward and in reverse."""
-    blocks(FOUR_SEGMENTS)
+    blocks(dict(FOUR_SEGMENTS, fwd_spread_states=spread))
     compare(1, 7, 2, 2, np.float64, 5)
 
 
@@ -163,10 +194,11 @@ def test_one_segment_per_chunk(blocks):
     compare(1, 10, 3, 3, np.float64, 13)
 
 
-def test_odd_block_shape(blocks):
+@pytest.mark.parametrize("spread", [False, True])
+def test_odd_block_shape(blocks, spread):
     """Three channels and three state threads of one state each, chunks of 2 x 3 steps."""
     blocks(dict(channels=3, state_threads=3, states_per_thread=1, fwd_segments=2, fwd_steps=3,
-                bwd_segments=3, bwd_steps=2))
+                bwd_segments=3, bwd_steps=2, fwd_spread_states=spread))
     compare(1, 8, 4, 4, np.float32, 8)
 
 
@@ -176,9 +208,9 @@ def test_odd_block_shape(blocks):
           bwd_segments=2, bwd_steps=2), 1, 11, 3, 3, np.float32),      # some threads stage nothing
 ])
 def test_forward_keeping_its_steps(blocks, shape, B, T, D, N, dtype):
-    """The forward that keeps a_t, b_t from the local scan for the fix-up (fwd_store_steps) gives the
-    same results as the default, which computes them again (every other test)."""
-    blocks(dict(shape, fwd_store_steps=True))
+    """The spread forward that keeps a_t, b_t from the local scan for the fix-up (fwd_store_steps)
+    gives the same results as the one that computes them again."""
+    blocks(dict(shape, fwd_spread_states=True, fwd_store_steps=True))
     compare(B, T, D, N, dtype, 9)
 
 

@@ -22,29 +22,37 @@ Backward, with dy_t = dL/dy_t and the adjoint g_t = dL/dh_t:
     dA    = Σ_{b,t} g_t Δ_t a_t h_{t-1}    dB_t = Σ_d g_t Δ_t u_t      dC_t = Σ_d dy_t h_t
     dD    = Σ_{b,t} dy_t u_t               ddelta_bias = Σ_{b,t} ddelta_t
 
-How the work is laid out (one CUDA block per batch entry and group of CHANNELS channels):
+How the work is laid out (one CUDA block per batch entry and group of CHANNELS channels). The
+forward has two layouts (ScanConfig.fwd_spread_states); the backward uses the second:
 
-    thread = (channel lane, state thread, time segment)      lane varies fastest: loads along D coalesce
-    each thread owns STATES_PER_THREAD states of one channel and STEPS consecutive time steps
+    all states in one thread (the forward's default, _make_forward_kernel_whole):
+        thread = (channel lane, time segment)                 lane varies fastest: loads along D coalesce
+        each thread owns all N states of one channel (up to 16 at a time) and STEPS consecutive steps
+    states spread over threads (_make_forward_kernel, the backward):
+        thread = (channel lane, state thread, time segment)
+        each thread owns STATES_PER_THREAD states of one channel and STEPS consecutive time steps
     a chunk = SEGMENTS × STEPS steps; the block walks the chunks in order (the backward: in reverse)
 
 Inside a chunk the scan is two-level, with the associative operator of the reference,
 
     (a1, b1) ∘ (a2, b2) = (a1 a2, a2 b1 + b2):
 
-  1. each thread scans its own STEPS steps from h = 0 in registers, keeping a_t and b_t;
-     its segment's aggregate is (Π a_t, h_local);
-  2. every segment folds the aggregates of the segments before it, read from shared memory
-     (_fold_segments); the first one holds the state carried out of the previous chunk, so every
-     segment learns the state it starts from;
+  1. each thread scans its own STEPS steps from h = 0 in registers; its segment's aggregate is
+     (Π a_t, h_local);
+  2. the aggregates are scanned across the segments through shared memory, starting from the state
+     carried out of the previous chunk, so every segment learns the state it starts from: with all
+     states in one thread, one thread per (channel, state) walks the chunk's segments in order;
+     with spread states, every segment folds the aggregates of the segments before it
+     (_fold_segments);
   3. fix-up: each thread replays its steps from that state, h_t = a_t h_{t-1} + b_t (computing a_t
-     and b_t again, which needs fewer registers per thread than keeping them, 92 against 109 on sm_90
-     without launch bounds; on an H200 keeping them was no faster, see ScanConfig.fwd_store_steps
-     and docs/kernels.md), and adds C_t h_t into y.
+     and b_t again, which needs fewer registers per thread than keeping them; see
+     ScanConfig.fwd_store_steps and docs/kernels.md), and adds C_t h_t into y.
 
-The C-contraction y_t = Σ_n C_t h_t is a reduction over the state threads through shared memory.
-The only per-step state that reaches global memory is the state entering every chunk, `carries`
-(B, n_chunks, N, D): the backward rebuilds each chunk's states from it (steps 1-3 again), runs the
+The C-contraction y_t = Σ_n C_t h_t is a sum in registers when a thread holds all states, and a
+reduction over the state threads through shared memory when they are spread.
+
+The only per-step state that reaches global memory is the state entering every chunk of the
+backward, `carries` (B, n_chunks, N, D): the backward rebuilds each chunk's states from it (steps 1-3 again), runs the
 adjoint recurrence backwards the same two-level way (the reverse scan carries a_t g_t of a chunk's
 first step into the chunk before it: the a_{t+1} shift across the boundary), and reads the gradients
 off (g_t, h_t). The adjoint's local scan needs only a_t, C_t and dy_t, not the states, so both local
@@ -57,8 +65,8 @@ reduce-scatter (_scatter_sums: each of the 2 × STATES_PER_THREAD sums ends on i
 sums over state threads by a butterfly (_xor_sum). Each warp stores its sums in shared memory with
 plain stores (the sums over state threads in a slot of its own, added in the epilogue).
 
-When N exceeds the states one block holds at a time (STATE_THREADS × STATES_PER_THREAD), the block
-walks the states in groups, adding each group's partial sums into the output buffers.
+When N exceeds the states one block holds at a time (STATE_THREADS × STATES_PER_THREAD, or
+fwd_thread_states in the forward's default layout), the block walks the states in groups, adding each group's partial sums into the output buffers.
 
 Floating point: the state math is in the input dtype (float32 inputs: float32 throughout, the speed
 path; float64 works too). exp(Δ A) is computed as exp2(Δ · A log2 e): in float32 the hardware's
@@ -82,9 +90,9 @@ from minilm.kernels.cuda._device import cuda
 from minilm.kernels.cuda._exp2 import exp2_for
 
 try:
-    from numba import uint32 as _u32
+    from numba import uint32 as _u32, uint64 as _u64
 except Exception:  # pragma: no cover - numba missing: available() says so
-    _u32 = None
+    _u32 = _u64 = None
 
 SOFTPLUS_THRESHOLD = 20.0   # softplus(x) = x above this, as in the reference
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x log2 e)
@@ -97,14 +105,21 @@ class ScanConfig:
     channels           channels per block, the fastest thread index (coalesced loads along D)
     state_threads      threads along the state axis (at most; fewer when N is small)
     states_per_thread  states one thread keeps in registers
+                       (these two: the backward, and the forward with fwd_spread_states)
+    fwd_spread_states  forward: spread a channel's states over state_threads threads as the backward
+                       does (True), or keep all of them in one thread (False, _make_forward_kernel_whole)
+    fwd_thread_states  forward, states in one thread: at most this many (more: the states are walked
+                       in groups)
     fwd_segments, fwd_steps    forward: time segments per chunk, steps per segment
-    bwd_segments, bwd_steps    backward: the same; both must give the same chunk length, since the
-                               backward restarts every chunk from the state the forward stored
+    bwd_segments, bwd_steps    backward: the same. The backward restarts every chunk of its own from
+                               the state the forward stored there, so the forward must store those:
+                               the spread forward has the same chunk, the other one has segments
+                               whose length divides it
     fwd_min_blocks, bwd_min_blocks   0, or the blocks per multiprocessor to ask the compiler to make
                                room for (CUDA launch bounds: it then caps the registers per thread)
-    fwd_store_steps            forward: keep each step's a_t, b_t in registers from the local scan for
-                               the fix-up (2 × STEPS × STATES_PER_THREAD registers), or compute them
-                               again there (a second exp2 per step and state, far fewer registers)
+    fwd_store_steps            spread forward: keep each step's a_t, b_t in registers from the local
+                               scan for the fix-up (2 × STEPS × STATES_PER_THREAD registers), or compute
+                               them again there (a second exp2 per step and state, far fewer registers)
     bwd_warp_sums              backward: add the per-thread terms of dB, dC (over the channel lanes)
                                and of Σ_n g B, Σ_n g A a h, Σ_n C h (over a warp's state threads) with
                                warp shuffles, instead of shared-memory atomics on one address per
@@ -117,23 +132,29 @@ class ScanConfig:
     channels: int = 8
     state_threads: int = 8
     states_per_thread: int = 2
-    fwd_segments: int = 4
-    fwd_steps: int = 16
+    fwd_spread_states: bool = False
+    fwd_thread_states: int = 16
+    fwd_segments: int = 16
+    fwd_steps: int = 8
     bwd_segments: int = 8
     bwd_steps: int = 8
-    fwd_min_blocks: int = 4     # 63 registers, none spilled (sm_90): 4 blocks, 32 warps per multiprocessor
+    fwd_min_blocks: int = 6     # 128-thread blocks: at most 85 registers
     bwd_min_blocks: int = 2     # 64 registers, two 512-thread blocks per multiprocessor (unbounded: 96, one)
     fwd_store_steps: bool = False   # keeping a_t, b_t needs 109 registers, not 92 (sm_90, no launch bounds)
     bwd_warp_sums: bool = True      # H200: backward 2.97 ms instead of 7.25 (B=4 L=4K D=1536 N=16)
 
     @property
     def chunk(self):
-        return self.fwd_segments * self.fwd_steps
+        """Steps between the states the forward stores: the backward's chunk."""
+        return self.bwd_segments * self.bwd_steps
 
     def check(self):
-        if self.fwd_segments * self.fwd_steps != self.bwd_segments * self.bwd_steps:
+        if self.fwd_spread_states and self.fwd_segments * self.fwd_steps != self.chunk:
             raise ValueError(f"forward and backward chunks differ: {self.fwd_segments}x{self.fwd_steps} "
                              f"vs {self.bwd_segments}x{self.bwd_steps}")
+        if not self.fwd_spread_states and self.chunk % self.fwd_steps:
+            raise ValueError(f"the forward's segments ({self.fwd_steps} steps) do not divide the "
+                             f"backward's chunk ({self.bwd_segments}x{self.bwd_steps})")
         return self
 
 
@@ -141,7 +162,7 @@ class ScanConfig:
 # kernel may use statically.
 CONFIGS = {
     "float32": ScanConfig(),
-    "float64": ScanConfig(fwd_segments=2, fwd_steps=16, bwd_segments=4, fwd_min_blocks=0),
+    "float64": ScanConfig(fwd_segments=8, bwd_segments=4, fwd_min_blocks=0),
 }
 
 
@@ -187,9 +208,15 @@ def _rows_per_thread(elements, threads):
     return -(-elements // threads)
 
 
+def _state_vector(states):
+    """States _stage_inputs loads together, one thread's group of consecutive ones: 4, 2 or 1."""
+    return 4 if states % 4 == 0 else (2 if states % 2 == 0 else 1)
+
+
 def _staged_rows(chunk, channels, states, threads):
     """Rows of the `staged` local array _stage_inputs needs (its loads per thread, in pairs)."""
-    return _rows_per_thread(chunk * channels, threads) + _rows_per_thread(chunk * states, threads)
+    vector = _state_vector(states)
+    return _rows_per_thread(chunk * channels, threads) + vector * _rows_per_thread(chunk * states // vector, threads)
 
 
 def _numba_type(dtype):
@@ -212,9 +239,18 @@ _KERNELS = {}
 
 
 def _forward_kernel(dtype, config, N):
-    NT, NPT = _layout(config, N)
+    """(kernel, threads per block) of the forward for this dtype, block shape and state count."""
     DG, S, K = config.channels, config.fwd_segments, config.fwd_steps
-    key = ("fwd", np.dtype(dtype).name, DG, NT, NPT, S, K, config.fwd_min_blocks, config.fwd_store_steps)
+    name = np.dtype(dtype).name
+    if not config.fwd_spread_states:
+        NS = _thread_states(config, N)
+        key = ("fwd_whole", name, DG, NS, S, K, config.chunk, config.fwd_min_blocks)
+        if key not in _KERNELS:
+            _KERNELS[key] = _make_forward_kernel_whole(_numba_type(dtype), DG, NS, S, K, config.chunk,
+                                                       config.fwd_min_blocks)
+        return _KERNELS[key], DG * S
+    NT, NPT = _layout(config, N)
+    key = ("fwd", name, DG, NT, NPT, S, K, config.fwd_min_blocks, config.fwd_store_steps)
     if key not in _KERNELS:
         _KERNELS[key] = _make_forward_kernel(_numba_type(dtype), DG, NT, NPT, S, K, config.fwd_min_blocks,
                                              config.fwd_store_steps)
@@ -384,6 +420,210 @@ def _make_forward_kernel(real, DG, NT, NPT, S, K, min_blocks, STORE_STEPS):
     return forward_kernel
 
 
+def _thread_states(config, N):
+    """States one thread of the forward holds in registers (fwd_spread_states=False): all N, or N
+    split into as few equal groups as fwd_thread_states allows (at least one, for N = 0)."""
+    groups = max(1, -(-N // config.fwd_thread_states))
+    return max(1, -(-N // groups))
+
+
+def _make_forward_kernel_whole(real, DG, NS, S, K, CC, min_blocks):
+    """The forward with all NS states of a channel in one thread (ScanConfig.fwd_spread_states=False).
+
+    thread = (channel lane, time segment); a chunk = S segments × K steps; CC: the spacing of the
+    stored carries (the backward's chunk, a multiple of K).
+
+    A thread runs its segment's steps for all of its channel's states at once, so everything that
+    depends on (t, d) only, the loads of Δ_t and u_t, the softplus, the sum y_t = Σ_n C_t h_t, the
+    skip and the gate, is paid once per NS states, and y_t is finished in registers (the spread
+    layout sums it over its state threads through shared memory). A thread stages its own steps'
+    Δ_t and u_t; the block stages B_t and C_t, which all of its channels read. The scan across
+    segments runs per (channel, state) pair instead of per thread: after the local scans, each of
+    the DG × NS pairs is walked through the chunk's S segments by one thread, which turns every
+    segment's aggregate into the state entering it. A segment's Π a_t is exp2(A log2e Σ_t Δ_t),
+    one exp2 from the sum of its steps, so the local scan keeps no product.
+    """
+    CH = S * K                    # steps per chunk
+    THREADS = DG * S
+    V = _state_vector(NS)
+    STAGED = V * _rows_per_thread(CH * NS // V, THREADS)     # B, C values one thread stages
+    PAIRS = DG * NS               # (channel, state) pairs, each folded by one thread
+    FOLDS = _rows_per_thread(PAIRS, THREADS)
+    # Row length of the fold buffer, padded by 2: a warp's folding threads (16 states × 2 channels
+    # at N = 16) then read 32 different banks, and the local scans' stores (8 channels × 4
+    # segments) still do.
+    ROW = S * DG + 2
+    exp2 = exp2_for(real)
+
+    @_device.jit_kernel(THREADS, min_blocks)
+    def forward_kernel(u, delta, A, Bm, Cm, Dskip, z, bias, h0, out, carries, final_state,
+                       has_z, has_h0, softplus):
+        # Global indices are unsigned 64-bit (see _stage_states), shared-memory ones unsigned 32-bit.
+        b = _u64(cuda.blockIdx.y)
+        d_first = _u32(cuda.blockIdx.x * DG)
+        tid = _u32(cuda.threadIdx.x)
+        lane = _u32(tid % DG)            # channel within the block
+        seg = _u32(tid // DG)            # time segment within a chunk
+        column0 = _u32(seg * DG + lane)  # this thread's column of s_fold
+        T = u.shape[1]
+        N = A.shape[1]
+        T64 = _u64(T)
+        N64 = _u64(N)
+        channels = _u64(u.shape[2])
+        d = _u64(d_first + lane)
+        d_ok = d < channels
+        zero = real(0)
+        one = real(1)
+        log2e = real(LOG2E)
+        threshold = real(SOFTPLUS_THRESHOLD)
+        step_bias = bias[d] if d_ok else zero
+        skip = Dskip[d] if d_ok else zero
+
+        # one chunk of the inputs, rows step-major: step k of segment seg is row k S + seg, so the
+        # four segments a warp spans read four rows in a row, in different banks
+        # (no tile of Δ_t u_t: a step's product is one multiply for all of its states, and without
+        # it six blocks of 128 threads fit a multiprocessor's shared memory, enough for 768 blocks)
+        s_step = cuda.shared.array((CH, DG), real)      # Δ_t
+        s_u = cuda.shared.array((CH, DG), real)         # u_t
+        s_B = cuda.shared.array((CH, NS), real)
+        s_C = cuda.shared.array((CH, NS), real)
+        s_A2 = cuda.shared.array((NS, DG), real)        # A log2 e of the block's channels
+        # [j, seg DG + lane]: h of segment seg's local scan, which the fold replaces by the state
+        # entering the segment
+        s_fold = cuda.shared.array((NS, ROW), real)
+        s_steps_sum = cuda.shared.array((S, DG), real)  # Σ Δ_t over each segment
+
+        raw = cuda.local.array((K, 2), real)            # this thread's steps: delta + bias, u
+        staged = cuda.local.array((STAGED, 2), real)    # its share of the chunk's B, C
+        A2 = cuda.local.array(NS, real)
+        h = cuda.local.array(NS, real)
+        fold_A2 = cuda.local.array(FOLDS, real)         # A log2 e of the pairs this thread folds
+        fold_state = cuda.local.array(FOLDS, real)      # their state, carried from chunk to chunk
+        y_steps = cuda.local.array(K, real)             # Σ_n C_t h_t + D u_t of this thread's steps
+
+        n_chunks = (T + CH - 1) // CH
+        n_groups = max(1, (N + NS - 1) // NS)    # one pass even for N = 0: the skip term D u
+        for group in range(n_groups):
+            n_first = _u64(group * NS)
+            if seg == 0:       # read after the first chunk's barrier
+                for j in range(NS):
+                    n = n_first + _u64(j)
+                    s_A2[j, lane] = A[d, n] * log2e if (d_ok and n < N64) else zero
+            for f in range(FOLDS):
+                pair = _u32(tid + f * THREADS)
+                n = n_first + _u64(pair % NS)
+                dd = _u64(d_first + pair // NS)
+                ok = pair < PAIRS and dd < channels and n < N64
+                fold_A2[f] = A[dd, n] * log2e if ok else zero
+                fold_state[f] = h0[b, dd, n] if (ok and has_h0) else zero
+
+            for chunk in range(n_chunks):
+                t_first = _u64(chunk * CH)
+                t0 = t_first + _u64(seg * K)     # this thread's first step
+                cuda.syncthreads()       # everyone is done with the previous chunk's tiles
+                # Stage the chunk: this thread's steps (loads first, stores after the block's
+                # B and C loads, so that all are in flight together); steps past T and channels
+                # past D get Δ = 0, u = 0: a = 1, b = 0.
+                inside = d_ok and t0 + _u64(K) <= T64      # the whole segment: no checks per step
+                if inside:      # (then the compiler forms one address per array, not one per load)
+                    for k in range(K):
+                        raw[k, 0] = delta[b, t0 + _u64(k), d] + step_bias
+                        raw[k, 1] = u[b, t0 + _u64(k), d]
+                else:
+                    for k in range(K):
+                        t = t0 + _u64(k)
+                        raw[k, 0] = zero
+                        raw[k, 1] = zero
+                        if d_ok and t < T64:
+                            raw[k, 0] = delta[b, t, d] + step_bias
+                            raw[k, 1] = u[b, t, d]
+                _stage_states(Bm, Cm, s_B, s_C, b, t_first, n_first, zero, staged, 0, THREADS, S)
+                for k in range(K):
+                    step = raw[k, 0]
+                    if softplus and d_ok and t0 + _u64(k) < T64:
+                        step = _softplus(step, threshold)
+                    row = _u32(k * S + seg)
+                    s_step[row, lane] = step
+                    s_u[row, lane] = raw[k, 1]
+                cuda.syncthreads()
+
+                # 1. local scan of this segment from h = 0, all states at once
+                for j in range(NS):
+                    A2[j] = s_A2[j, lane]
+                    h[j] = zero
+                steps_sum = zero
+                k = _u32(0)          # a 32-bit counter: see the spread forward's step loop
+                while k < K:
+                    row = _u32(k * S + seg)
+                    step = s_step[row, lane]
+                    step_u = step * s_u[row, lane]
+                    steps_sum += step
+                    for j in range(NS):
+                        h[j] = exp2(step * A2[j]) * h[j] + step_u * s_B[row, j]
+                    k = _u32(k + 1)
+                for j in range(NS):
+                    s_fold[j, column0] = h[j]
+                s_steps_sum[seg, lane] = steps_sum
+                cuda.syncthreads()
+
+                # 2. fold, per (channel, state) pair, in segment order: entering ← state, then
+                #    state ← (Π a) state + h, with Π a = exp2(A log2e Σ Δ). The state entering every
+                #    CC-th step is stored for the backward.
+                for f in range(FOLDS):
+                    pair = _u32(tid + f * THREADS)
+                    if pair < PAIRS:
+                        j = _u32(pair % NS)
+                        pair_lane = _u32(pair // NS)
+                        n = n_first + _u64(j)
+                        dd = _u64(d_first + pair_lane)
+                        keep = dd < channels and n < N64
+                        state = fold_state[f]
+                        t_seg = t_first
+                        column = pair_lane
+                        s = _u32(0)
+                        while s < S:           # 32-bit counters, as in the step loops
+                            if keep and t_seg % _u64(CC) == 0 and t_seg < T64:
+                                carries[b, t_seg // _u64(CC), n, dd] = state
+                            local = s_fold[j, column]
+                            s_fold[j, column] = state
+                            state = exp2(fold_A2[f] * s_steps_sum[s, pair_lane]) * state + local
+                            t_seg += _u64(K)
+                            column = _u32(column + DG)
+                            s = _u32(s + 1)
+                        fold_state[f] = state
+                        if keep and chunk == n_chunks - 1:
+                            final_state[b, dd, n] = state
+                cuda.syncthreads()
+
+                # 3. fix-up: replay the steps from the segment's true starting state; y_t = Σ_n C_t h_t
+                #    in registers, then the skip connection and the gate
+                first = group == 0
+                last = group == n_groups - 1
+                group_skip = skip if last else zero      # D u is added once
+                for j in range(NS):
+                    h[j] = s_fold[j, column0]
+                k = _u32(0)
+                while k < K:
+                    row = _u32(k * S + seg)
+                    step = s_step[row, lane]
+                    step_u = step * s_u[row, lane]
+                    y = zero
+                    for j in range(NS):
+                        h[j] = exp2(step * A2[j]) * h[j] + step_u * s_B[row, j]
+                        y += s_C[row, j] * h[j]
+                    y_steps[k] = y + group_skip * s_u[row, lane]
+                    k = _u32(k + 1)
+                if inside:
+                    for k in range(K):
+                        _emit_output(out, z, b, t0 + _u64(k), d, y_steps[k], first, last, has_z, one)
+                else:
+                    for k in range(K):
+                        if d_ok and t0 + _u64(k) < T64:
+                            _emit_output(out, z, b, t0 + _u64(k), d, y_steps[k], first, last, has_z, one)
+
+    return forward_kernel
+
+
 if cuda is not None:
     @cuda.jit(device=True)
     def _stage_inputs(u, delta, bias, Bm, Cm, s_step, s_step_u, s_u, s_B, s_C,
@@ -393,61 +633,110 @@ if cuda is not None:
         Steps past T and channels past D get Δ = 0, u = 0 (the identity step a = 1, b = 0); states
         past N get B = C = 0. Consecutive threads read consecutive channels (coalesced).
 
-        A thread issues all of its loads first, into `staged` (a local array in registers of
-        _staged_rows(...) rows: (delta + bias, u) of its channel elements, then (B, C) of its state
-        elements), and stores them afterwards: the loads are in flight together, one trip to
-        memory per chunk instead of one per element (a store to shared memory between two loads
-        keeps the second waiting for the first).
+        A thread issues its loads of (delta + bias, u) first, into the first rows of `staged` (a
+        local array in registers of _staged_rows(...) rows), then _stage_states loads and stores
+        B and C (into the rows after them), then the thread stores its (Δ, Δ u, u): the loads are
+        in flight together, one trip to memory per chunk instead of one per element (a store to
+        shared memory between two loads keeps the second waiting for the first).
         s_u may be None: the backward, short of shared memory, takes u from `staged` instead.
         """
         tid = _u32(cuda.threadIdx.x)
         CH = s_step.shape[0]
         DG = s_step.shape[1]
-        NP = s_B.shape[1]
-        T = u.shape[1]
-        channels = u.shape[2]
-        N = Bm.shape[2]
-        per_channel = (CH * DG + threads - 1) // threads      # rows of staged for (delta + bias, u)
-        per_state = (CH * NP + threads - 1) // threads        # and for (B, C)
+        # Global indices are unsigned 64-bit, as in _stage_states.
+        T = _u64(u.shape[1])
+        channels = _u64(u.shape[2])
+        b = _u64(batch)
+        per_channel = (CH * DG + threads - 1) // threads          # rows of staged for (delta + bias, u)
+        # threads is a multiple of DG: a thread's channel is the same in all of its rows.
+        # (Every result is cast: Numba types uint32 // int as int64, and int64 with uint64 as
+        # int64 again, or compares them as float64.)
+        ln = _u32(tid % DG)
+        dd = _u64(d_first) + _u64(ln)
+        step_bias = zero
+        if dd < channels:
+            step_bias = bias[dd]
         for r in range(per_channel):
-            index = tid + _u32(r * threads)
-            t = _u32(t_first + index // DG)
-            dd = _u32(d_first + index % DG)
+            t_local = _u32(tid // DG + r * (threads // DG))
+            t = _u64(t_first) + _u64(t_local)
             step = zero
             value = zero
-            if index < CH * DG and t < T and dd < channels:
-                step = delta[batch, t, dd] + bias[dd]
-                value = u[batch, t, dd]
+            if t_local < CH and t < T and dd < channels:
+                step = delta[b, t, dd] + step_bias
+                value = u[b, t, dd]
             staged[r, 0] = step
             staged[r, 1] = value
-        for r in range(per_state):
-            index = tid + _u32(r * threads)
-            t = _u32(t_first + index // NP)
-            n = _u32(n_first + index % NP)
-            b_value = zero
-            c_value = zero
-            if index < CH * NP and t < T and n < N:
-                b_value = Bm[batch, t, n]
-                c_value = Cm[batch, t, n]
-            staged[per_channel + r, 0] = b_value
-            staged[per_channel + r, 1] = c_value
+        _stage_states(Bm, Cm, s_B, s_C, b, _u64(t_first), _u64(n_first), zero, staged, per_channel, threads, 1)
         for r in range(per_channel):
-            index = tid + _u32(r * threads)
-            t_local = _u32(index // DG)
-            ln = _u32(index % DG)
-            if index < CH * DG:
+            t_local = _u32(tid // DG + r * (threads // DG))
+            if t_local < CH:
                 step = staged[r, 0]
-                if softplus and t_first + t_local < T and d_first + ln < channels:
+                if softplus and _u64(t_first) + _u64(t_local) < T and dd < channels:
                     step = _softplus(step, threshold)
                 s_step[t_local, ln] = step
                 s_step_u[t_local, ln] = step * staged[r, 1]
                 if s_u is not None:
                     s_u[t_local, ln] = staged[r, 1]
-        for r in range(per_state):
-            index = tid + _u32(r * threads)
-            if index < CH * NP:
-                s_B[_u32(index // NP), _u32(index % NP)] = staged[per_channel + r, 0]
-                s_C[_u32(index // NP), _u32(index % NP)] = staged[per_channel + r, 1]
+
+    @cuda.jit(device=True)
+    def _emit_output(out, z, b, t, d, y, first_group, last_group, has_z, one):
+        """out[b, t, d] from y, this state group's part of Σ_n C_t h_t (the last group's with D u_t):
+        added to the earlier groups' part, then through the gate y · SiLU(z) after the last."""
+        if not first_group:
+            y += out[b, t, d]
+        if last_group and has_z:
+            gate = z[b, t, d]
+            y = y * gate * _sigmoid(gate, one)
+        out[b, t, d] = y
+
+    @cuda.jit(device=True)
+    def _stage_states(Bm, Cm, s_B, s_C, b, t_first, n_first, zero, staged, first_row, threads, segments):
+        """Copy one chunk of B and C (states n_first, n_first + 1, ...) into shared memory. With
+        segments > 1 the rows are step-major, as _make_forward_kernel_whole reads them: with
+        CH = segments × steps, step k of segment s (chunk step s · steps + k) goes to row
+        k · segments + s. States past N and steps past T get B = C = 0.
+
+        Each thread loads groups of V consecutive states of a step (one address for V loads), all of
+        them into `staged` (rows first_row, first_row + 1, ...; B in column 0, C in 1) before it
+        stores any: the loads are in flight together.
+        Global indices are unsigned 64-bit: no negative-index wraparound, and loads a constant
+        number of steps apart are a constant distance apart in memory, so the compiler adds
+        offsets to one address (32-bit indices may wrap around before they are widened: each
+        address was formed again).
+        """
+        tid = _u32(cuda.threadIdx.x)
+        CH = s_B.shape[0]
+        NP = s_B.shape[1]
+        V = 4 if NP % 4 == 0 else (2 if NP % 2 == 0 else 1)     # as _state_vector(NP)
+        GROUPS = NP // V                                          # groups of V states in a row
+        T = _u64(Bm.shape[1])
+        N = _u64(Bm.shape[2])
+        steps = CH // segments
+        per_thread = (CH * GROUPS + threads - 1) // threads      # groups per thread
+        # (every result cast: Numba types uint32 // int as int64, and compares int64 with uint64
+        # as float64)
+        inside = t_first + _u64(CH) <= T and n_first + _u64(NP) <= N    # no checks per load
+        # Consecutive threads take consecutive groups of the tile, in its (step-major) order, so
+        # that a warp's stores fall in 32 different banks.
+        for r in range(per_thread):
+            index = _u32(tid + r * threads)
+            row = _u32(index // GROUPS)
+            t = t_first + _u64(row % segments * steps + row // segments)
+            n0 = n_first + _u64(index % GROUPS * V)
+            for v in range(V):
+                staged[first_row + r * V + v, 0] = zero
+                staged[first_row + r * V + v, 1] = zero
+                if index < CH * GROUPS and (inside or (t < T and n0 + _u64(v) < N)):
+                    staged[first_row + r * V + v, 0] = Bm[b, t, n0 + _u64(v)]
+                    staged[first_row + r * V + v, 1] = Cm[b, t, n0 + _u64(v)]
+        for r in range(per_thread):
+            index = _u32(tid + r * threads)
+            row = _u32(index // GROUPS)
+            column = _u32(index % GROUPS * V)
+            if index < CH * GROUPS:
+                for v in range(V):
+                    s_B[row, _u32(column + v)] = staged[first_row + r * V + v, 0]
+                    s_C[row, _u32(column + v)] = staged[first_row + r * V + v, 1]
 
     @cuda.jit(device=True)
     def _fold_segments(s_a, s_h, prod, h, entering, seg, col0, lane, NPT, S, reverse):
