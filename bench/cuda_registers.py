@@ -157,27 +157,19 @@ def la_signatures():
 
 
 def rows_for_scan(cc, ptxas, N=16):
-    from numba import float32
     from minilm.kernels.cuda import selective_scan as scan
     forward_sig, backward_sig = scan_signatures()
     rows, seen = [], set()
     for changes in gpu_check.SWEEP:
         config = scan.ScanConfig(**changes).check()
-        NT, NPT = scan._layout(config, N)
-        DG = config.channels
-        forward_args = (DG, NT, NPT, config.fwd_segments, config.fwd_steps, config.fwd_min_blocks,
-                        config.fwd_store_steps)
-        warp_sums = scan.backward_warp_sums(config, N)
-        backward_args = (DG, NT, NPT, config.bwd_segments, config.bwd_steps, config.bwd_min_blocks, warp_sums)
-        kernels = [("scan forward", forward_args, DG * NT * config.fwd_segments, config.fwd_min_blocks,
-                    forward_sig, scan._make_forward_kernel),
-                   ("scan backward", backward_args, DG * NT * config.bwd_segments, config.bwd_min_blocks,
-                    backward_sig, scan._make_backward_kernel)]
-        for name, kernel_args, threads, min_blocks, signature, make in kernels:
-            if (name, kernel_args) in seen:      # an entry of the sweep that changes only the other kernel
+        forward, forward_threads = scan._forward_kernel("float32", config, N)
+        backward, backward_threads = scan._backward_kernel("float32", config, N)
+        kernels = [("scan forward", forward, forward_threads, config.fwd_min_blocks, forward_sig),
+                   ("scan backward", backward, backward_threads, config.bwd_min_blocks, backward_sig)]
+        for name, kernel, threads, min_blocks, signature in kernels:
+            if id(kernel) in seen:      # an entry of the sweep that changes only the other kernel
                 continue
-            seen.add((name, kernel_args))
-            kernel = make(float32, *kernel_args)
+            seen.add(id(kernel))
             bounds = (threads, min_blocks) if min_blocks else None
             rows.append(dict(kernel=name, config=json.dumps(changes) if changes else "default", threads=threads,
                              launch_bounds=str(bounds) if bounds else "-",

@@ -713,20 +713,18 @@ def section_kernel_times(results, smoke, repeats=7):
             "  ".join(f"{name} {ms:.3f}" for name, ms in kernels.items()))
 
 
-SWEEP = [  # scan block shapes, most promising first (chunk = segments x steps, same fwd and bwd);
-           # registers and warps per multiprocessor for sm_90 from bench/cuda_registers.py
-    dict(),                                          # fwd 63 registers, 32 warps; bwd (warp sums) 64 (60 B spilled), 32 warps
-    dict(bwd_min_blocks=1),                          # bwd 128 registers (none spilled), 16 warps
-    dict(bwd_warp_sums=False),                       # bwd sums by shared-memory atomics: 64 (244 B spilled), 32 warps
-    dict(fwd_min_blocks=0),                          # fwd 92 registers, 16 warps
-    dict(fwd_min_blocks=5),                          # fwd 48 registers (28 B spilled), 40 warps
-    dict(bwd_segments=4, bwd_steps=16),              # bwd 256-thread blocks, 128 registers (256 B stack), 16 warps
-    dict(fwd_store_steps=True, fwd_min_blocks=0),    # the forward as first measured: 109 registers, 16 warps
-    # other block shapes (the backward follows where it must: same chunk, threads within limits)
-    dict(state_threads=4, states_per_thread=4, fwd_min_blocks=8, bwd_min_blocks=4),  # 128-thread fwd blocks
-    dict(fwd_segments=8, fwd_steps=8, fwd_min_blocks=2),                           # 512-thread fwd blocks
-    dict(fwd_segments=2, fwd_steps=32, fwd_min_blocks=8),                          # 128 threads, 2 segments
-    dict(channels=4, fwd_min_blocks=8, bwd_min_blocks=4),                          # 1536 blocks of 128
+SWEEP = [  # scan block shapes, most promising first (the forward's segments must divide the backward's
+           # chunk: the forward stores the state entering each of them); registers and warps per
+           # multiprocessor for sm_90 from bench/cuda_registers.py
+    dict(),                                          # fwd (all states in a thread) 80 registers (20 B spilled), 24 warps; bwd (warp sums) 64 (64 B spilled), 32 warps
+    dict(fwd_spread_states=True, fwd_segments=4, fwd_steps=16, fwd_min_blocks=4),   # the spread fwd of the fifth run: 64 registers, 32 warps
+    dict(bwd_min_blocks=1),                          # bwd 126 registers (none spilled), 16 warps
+    dict(fwd_min_blocks=0),                          # fwd 130 registers, 12 warps
+    dict(fwd_segments=8, fwd_min_blocks=6),          # fwd 64-thread blocks, chunks of 64, 12 warps
+    dict(fwd_segments=32, fwd_steps=4, fwd_min_blocks=0),   # fwd 256-thread blocks, 4 steps per thread
+    dict(fwd_segments=8, fwd_steps=16, fwd_min_blocks=0, bwd_segments=4, bwd_steps=16),  # 16 steps per thread
+    dict(bwd_warp_sums=False),                       # bwd sums by shared-memory atomics: 64 (224 B spilled), 32 warps
+    dict(fwd_spread_states=True, fwd_segments=4, fwd_steps=16, fwd_min_blocks=0, fwd_store_steps=True),  # as first measured
 ]
 LA_SWEEP = [  # linear attention: (tile = chunk, register tile, launch bounds: blocks per SM or 0,
               # tile products on float FMAs or tensor cores: off | 3xtf32 | tf32, tile loads in flight
@@ -1019,7 +1017,7 @@ def main():
             scan.set_config(dtype, channels=2, state_threads=2, states_per_thread=2, fwd_segments=2, fwd_steps=4,
                             bwd_segments=2, bwd_steps=4)
             la.set_tile(dtype, 8)
-        SWEEP[1:] = [dict(fwd_store_steps=True), dict(bwd_segments=4, bwd_steps=2)]
+        SWEEP[1:] = [dict(fwd_spread_states=True, fwd_store_steps=True), dict(bwd_segments=4, bwd_steps=2)]
 
     results = Results(args.out)
     results.section("environment", section_environment)
