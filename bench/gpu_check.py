@@ -716,14 +716,13 @@ def section_kernel_times(results, smoke, repeats=7):
 SWEEP = [  # scan block shapes, most promising first (the forward's segments must divide the backward's
            # chunk: the forward stores the state entering each of them); registers and warps per
            # multiprocessor for sm_90 from bench/cuda_registers.py
-    dict(),                                          # fwd (all states in a thread) 80 registers (20 B spilled), 24 warps; bwd (warp sums) 64 (64 B spilled), 32 warps
+    dict(),                                          # fwd (all states in a thread) 80 registers (20 B spilled), 24 warps; bwd (warp sums) 64 (60 B spilled), 32 warps
     dict(fwd_spread_states=True, fwd_segments=4, fwd_steps=16, fwd_min_blocks=4),   # the spread fwd of the fifth run: 64 registers, 32 warps
-    dict(bwd_min_blocks=1),                          # bwd 126 registers (none spilled), 16 warps
-    dict(fwd_min_blocks=0),                          # fwd 130 registers, 12 warps
-    dict(fwd_segments=8, fwd_min_blocks=6),          # fwd 64-thread blocks, chunks of 64, 12 warps
-    dict(fwd_segments=32, fwd_steps=4, fwd_min_blocks=0),   # fwd 256-thread blocks, 4 steps per thread
-    dict(fwd_segments=8, fwd_steps=16, fwd_min_blocks=0, bwd_segments=4, bwd_steps=16),  # 16 steps per thread
-    dict(bwd_warp_sums=False),                       # bwd sums by shared-memory atomics: 64 (224 B spilled), 32 warps
+    dict(bwd_min_blocks=1),                          # bwd 127 registers (none spilled), 16 warps
+    dict(fwd_min_blocks=0),                          # fwd 134 registers, 12 warps
+    dict(fwd_segments=8, fwd_min_blocks=6),          # fwd 64-thread blocks, chunks of 64: 165 registers, 12 warps
+    dict(fwd_segments=8, fwd_steps=16, fwd_min_blocks=0, bwd_segments=4, bwd_steps=16),  # 16 steps per thread: fwd 186, bwd 122 registers
+    dict(bwd_warp_sums=False),                       # bwd sums by shared-memory atomics: 64 (220 B spilled), 32 warps
     dict(fwd_spread_states=True, fwd_segments=4, fwd_steps=16, fwd_min_blocks=0, fwd_store_steps=True),  # as first measured
 ]
 LA_SWEEP = [  # linear attention: (tile = chunk, register tile, launch bounds: blocks per SM or 0,
