@@ -52,10 +52,10 @@ The C-contraction y_t = Σ_n C_t h_t is a sum in registers when a thread holds a
 reduction over the state threads through shared memory when they are spread.
 
 The only per-step state that reaches global memory is the state entering every chunk of the
-backward, `carries` (B, n_chunks, N, D): the backward rebuilds each chunk's states from it (steps 1-3 again), runs the
-adjoint recurrence backwards the same two-level way (the reverse scan carries a_t g_t of a chunk's
-first step into the chunk before it: the a_{t+1} shift across the boundary), and reads the gradients
-off (g_t, h_t). The adjoint's local scan needs only a_t, C_t and dy_t, not the states, so both local
+backward, `carries` (B, n_chunks, N, D): the backward rebuilds each chunk's states from it (steps
+1-3 again), runs the adjoint recurrence backwards the same two-level way (the reverse scan carries
+a_t g_t of a chunk's first step into the chunk before it: the a_{t+1} shift across the boundary),
+and reads the gradients off (g_t, h_t). The adjoint's local scan needs only a_t, C_t and dy_t, not the states, so both local
 scans run before one barrier, after which both folds run. dB and dC (sums over channels) are added
 with atomics, first into shared-memory tiles and then, once per chunk, into float32/float64 global
 buffers; dA, dD and ddelta_bias too.
@@ -66,7 +66,8 @@ sums over state threads by a butterfly (_xor_sum). Each warp stores its sums in 
 plain stores (the sums over state threads in a slot of its own, added in the epilogue).
 
 When N exceeds the states one block holds at a time (STATE_THREADS × STATES_PER_THREAD, or
-fwd_thread_states in the forward's default layout), the block walks the states in groups, adding each group's partial sums into the output buffers.
+fwd_thread_states in the forward's default layout), the block walks the states in groups, adding
+each group's partial sums into the output buffers.
 
 Floating point: the state math is in the input dtype (float32 inputs: float32 throughout, the speed
 path; float64 works too). exp(Δ A) is computed as exp2(Δ · A log2 e): in float32 the hardware's
@@ -138,9 +139,9 @@ class ScanConfig:
     fwd_steps: int = 8
     bwd_segments: int = 8
     bwd_steps: int = 8
-    fwd_min_blocks: int = 6     # 128-thread blocks: at most 85 registers
+    fwd_min_blocks: int = 6     # 80 registers (sm_90): 6 blocks of 128 threads per SM, 768 in one wave
     bwd_min_blocks: int = 2     # 64 registers, two 512-thread blocks per multiprocessor (unbounded: 96, one)
-    fwd_store_steps: bool = False   # keeping a_t, b_t needs 109 registers, not 92 (sm_90, no launch bounds)
+    fwd_store_steps: bool = False   # spread: keeping a_t, b_t needs 109 registers, not 92 (sm_90, unbounded)
     bwd_warp_sums: bool = True      # H200: backward 2.97 ms instead of 7.25 (B=4 L=4K D=1536 N=16)
 
     @property
@@ -209,14 +210,15 @@ def _rows_per_thread(elements, threads):
 
 
 def _state_vector(states):
-    """States _stage_inputs loads together, one thread's group of consecutive ones: 4, 2 or 1."""
+    """States _stage_states loads together, one thread's group of consecutive ones: 4, 2 or 1."""
     return 4 if states % 4 == 0 else (2 if states % 2 == 0 else 1)
 
 
 def _staged_rows(chunk, channels, states, threads):
     """Rows of the `staged` local array _stage_inputs needs (its loads per thread, in pairs)."""
     vector = _state_vector(states)
-    return _rows_per_thread(chunk * channels, threads) + vector * _rows_per_thread(chunk * states // vector, threads)
+    return (_rows_per_thread(chunk * channels, threads)
+            + vector * _rows_per_thread(chunk * states // vector, threads))
 
 
 def _numba_type(dtype):
@@ -666,7 +668,8 @@ if cuda is not None:
                 value = u[b, t, dd]
             staged[r, 0] = step
             staged[r, 1] = value
-        _stage_states(Bm, Cm, s_B, s_C, b, _u64(t_first), _u64(n_first), zero, staged, per_channel, threads, 1)
+        _stage_states(Bm, Cm, s_B, s_C, b, _u64(t_first), _u64(n_first), zero, staged, per_channel,
+                      threads, 1)
         for r in range(per_channel):
             t_local = _u32(tid // DG + r * (threads // DG))
             if t_local < CH:
