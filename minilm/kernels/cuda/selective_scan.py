@@ -1074,13 +1074,14 @@ def _make_backward_kernel(real, DG, NT, NPT, S, K, min_blocks, WARP_SUMS=False):
 
                 # per (t, d): du, dΔ, dz; per (t, n): dB, dC into global memory
                 last_group = group == n_groups - 1
+                b = _u64(batch)              # unsigned 64-bit global indices, as in _stage_states
                 for r in range(OUT_ROWS):
                     index = _u32(tid + r * THREADS)
-                    t_local = index // DG
-                    ln = index % DG
-                    t = _u32(t_first + t_local)
-                    dd = _u32(d_first + ln)
-                    if index < CH * DG and t < T and dd < channels:
+                    t_local = _u32(index // DG)
+                    ln = _u32(index % DG)
+                    t = _u64(t_first) + _u64(t_local)
+                    dd = _u64(d_first + ln)
+                    if index < CH * DG and t < _u64(T) and dd < _u64(channels):
                         gB = zero
                         gAh = zero
                         y = zero
@@ -1089,32 +1090,32 @@ def _make_backward_kernel(real, DG, NT, NPT, S, K, min_blocks, WARP_SUMS=False):
                             gAh += s_sums[1, q, t_local, ln]
                             y += s_sums[2, q, t_local, ln]
                         if group > 0:          # earlier state groups left their partial sums here
-                            gB += du[batch, t, dd]
-                            gAh += ddelta[batch, t, dd]
+                            gB += du[b, t, dd]
+                            gAh += ddelta[b, t, dd]
                             if has_z:
-                                y += dz[batch, t, dd]
+                                y += dz[b, t, dd]
                         if last_group:
                             value = staged[r, 1]      # u: _stage_inputs gave this thread the same elements
                             dy = s_dy[t_local, ln]
                             step_grad = value * gB + gAh
                             if softplus:
-                                x = delta[batch, t, dd] + bias[dd]
+                                x = delta[b, t, dd] + bias[dd]
                                 if x <= threshold:
                                     step_grad = step_grad * _sigmoid(x, one)
-                            du[batch, t, dd] = s_step[t_local, ln] * gB + Dskip[dd] * dy
-                            ddelta[batch, t, dd] = step_grad
+                            du[b, t, dd] = s_step[t_local, ln] * gB + Dskip[dd] * dy
+                            ddelta[b, t, dd] = step_grad
                             dD_sum += dy * value
                             dbias_sum += step_grad
                             if has_z:
-                                gate = z[batch, t, dd]
+                                gate = z[b, t, dd]
                                 sig = _sigmoid(gate, one)
                                 y += Dskip[dd] * value
-                                dz[batch, t, dd] = dout[batch, t, dd] * y * sig * (one + gate * (one - sig))
+                                dz[b, t, dd] = dout[b, t, dd] * y * sig * (one + gate * (one - sig))
                         else:
-                            du[batch, t, dd] = gB
-                            ddelta[batch, t, dd] = gAh
+                            du[b, t, dd] = gB
+                            ddelta[b, t, dd] = gAh
                             if has_z:
-                                dz[batch, t, dd] = y
+                                dz[b, t, dd] = y
                 for r in range(STATE_ROWS):
                     index = _u32(tid + r * THREADS)
                     t_local = index // NP
