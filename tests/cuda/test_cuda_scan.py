@@ -169,6 +169,29 @@ def test_exp2_of_the_float32_kernels_flushes_below_the_smallest_normal():
     np.testing.assert_allclose(out.copy_to_host(), np.where(exact >= 2.0 ** -126, exact, 0.0), rtol=1e-6)
 
 
+@pytest.mark.parametrize("low, high, bound", [(-5, 20, 1e-6), (-15, -5, 2e-6), (-30, -15, 3e-6), (-87, -30, 5e-6)])
+def test_float32_softplus_of_the_forward(low, high, bound):
+    """_softplus_f32 (the float32 forward's softplus: hardware exp2 and a polynomial for log1p)
+    against log(1 + e^x) in float64, within its documented error with room for the hardware exp2;
+    x itself above the threshold, 20."""
+    x = np.concatenate([np.linspace(low, high, 4001), [low, high]]).astype(np.float32)
+
+    @cuda.jit
+    def kernel(x, out):
+        i = cuda.grid(1)
+        if i < x.size:
+            out[i] = cuda_scan._softplus_f32(x[i], np.float32(cuda_scan.SOFTPLUS_THRESHOLD))
+
+    out = np.full_like(x, np.nan)
+    kernel[-(-x.size // 128), 128](x, out)
+    exact = np.where(x > 20, x.astype(np.float64), np.logaddexp(0.0, x.astype(np.float64)))
+    assert np.all(np.abs(out - exact) <= bound * exact)
+    assert np.all(out[x > 20] == x[x > 20])
+    from numba import float32, float64
+    assert cuda_scan.softplus_for(float32) is cuda_scan._softplus_f32
+    assert cuda_scan.softplus_for(float64) is cuda_scan._softplus
+
+
 def test_decays_that_underflow_float32(blocks):
     """|A| 15 times larger: over 3 % of the decays a_t = exp(Δ A) fall below 2^-126 (checked here),
     where the float32 kernels flush them to zero and the reference keeps subnormals; results and
