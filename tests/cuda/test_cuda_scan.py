@@ -106,7 +106,7 @@ def test_matches_reference(blocks, B, T, D, N, dtype, seed, flags, spread):
 
 
 @pytest.mark.parametrize("shape, B, T, D, N, dtype", [
-    # 5 states, at most 2 per thread: three groups (2, 2, 1), B and C staged one state at a time
+    # 5 states, at most 2 per thread: three groups (2, 2, 1), B and C staged two states at a time
     (dict(SMALL, fwd_thread_states=2), 1, 7, 3, 5, np.float64),
     # chunks of 3 x 2 steps; the backward's of 2 x 4: the forward stores the states at 0, 8, ...
     (dict(SMALL, fwd_segments=3, bwd_steps=4), 2, 13, 3, 4, np.float32),
