@@ -122,6 +122,13 @@ def test_forward_with_all_states_in_one_thread(blocks, shape, B, T, D, N, dtype)
     compare(B, T, D, N, dtype, 16)
 
 
+def test_default_block_shapes():
+    """The float32 block shapes the kernels run with (no shrinking): 128-step forward chunks, the
+    second one partial, 16 states in one thread staged four at a time, carries every 64 steps,
+    and a second block with one channel of its eight."""
+    compare(1, 200, 9, 16, np.float32, 21)
+
+
 def test_block_shapes_are_checked():
     """The forward must store the state entering every chunk of the backward."""
     cuda_scan.ScanConfig(fwd_steps=8, bwd_segments=8, bwd_steps=8).check()
