@@ -254,11 +254,15 @@ def _state_vector(states):
     return 4 if states % 4 == 0 else (2 if states % 2 == 0 else 1)
 
 
+def _state_rows(chunk, states, threads):
+    """Rows of a `staged` local array that _stage_states fills: one thread's (B, C) pairs."""
+    vector = _state_vector(states)
+    return vector * _rows_per_thread(chunk * states // vector, threads)
+
+
 def _staged_rows(chunk, channels, states, threads):
     """Rows of the `staged` local array _stage_inputs needs (its loads per thread, in pairs)."""
-    vector = _state_vector(states)
-    return (_rows_per_thread(chunk * channels, threads)
-            + vector * _rows_per_thread(chunk * states // vector, threads))
+    return _rows_per_thread(chunk * channels, threads) + _state_rows(chunk, states, threads)
 
 
 def _numba_type(dtype):
@@ -450,14 +454,10 @@ def _make_forward_kernel(real, DG, NT, NPT, S, K, min_blocks, STORE_STEPS):
                         y = zero
                         for q in range(NT):
                             y += s_y[t_local, q, ln]
-                        if group > 0:
-                            y += out[batch, t, dd]
-                        if group == n_groups - 1:
+                        last = group == n_groups - 1
+                        if last:
                             y += Dskip[dd] * s_u[t_local, ln]
-                            if has_z:
-                                gate = z[batch, t, dd]
-                                y = y * gate * _sigmoid(gate, one)
-                        out[batch, t, dd] = y
+                        _emit_output(out, z, batch, t, dd, y, group == 0, last, has_z, one)
 
     return forward_kernel
 
@@ -487,8 +487,7 @@ def _make_forward_kernel_whole(real, DG, NS, S, K, CC, min_blocks):
     """
     CH = S * K                    # steps per chunk
     THREADS = DG * S
-    V = _state_vector(NS)
-    STAGED = V * _rows_per_thread(CH * NS // V, THREADS)     # B, C values one thread stages
+    STAGED = _state_rows(CH, NS, THREADS)     # B, C values one thread stages
     PAIRS = DG * NS               # (channel, state) pairs, each folded by one thread
     FOLDS = _rows_per_thread(PAIRS, THREADS)
     # Row length of the fold buffer, padded by 2: a warp's folding threads (16 states × 2 channels
