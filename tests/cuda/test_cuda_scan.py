@@ -2,9 +2,7 @@
 
 Runs on a GPU or under the CUDA simulator (see conftest.py). Blocks are shrunk so that tiny inputs
 still cover every path: several chunks with the last one partial, several time segments (rounds of
-the segment scan), channels and states that do not fill a block, states in several groups. Both
-forward kernels run: the default, which keeps all states of a channel in one thread, and the one
-that spreads them over state threads (ScanConfig.fwd_spread_states).
+the segment scan), channels and states that do not fill a block, states in several groups.
 Forward output, final state and all eight gradients are compared on fresh random inputs,
 scale-aware: max|cuda - ref| / max|ref| <= 1e-5 in float32 and 1e-10 in float64.
 """
@@ -99,9 +97,8 @@ def compare(B, T, D, N, dtype, seed, softplus=True, a_scale=1.0, **flags):
     (2, 6, 3, 2, np.float32, 3, dict(softplus=False, bias=False, skip=False)),
     (1, 8, 2, 1, np.float32, 4, dict(gate=False)),
 ])
-@pytest.mark.parametrize("spread", [False, True])
-def test_matches_reference(blocks, B, T, D, N, dtype, seed, flags, spread):
-    blocks(dict(SMALL, fwd_spread_states=spread))
+def test_matches_reference(blocks, B, T, D, N, dtype, seed, flags):
+    blocks(SMALL)
     compare(B, T, D, N, dtype, seed, **flags)
 
 
@@ -116,7 +113,7 @@ def test_matches_reference(blocks, B, T, D, N, dtype, seed, flags, spread):
     (dict(channels=3, fwd_segments=3, fwd_steps=1, bwd_segments=3, bwd_steps=2), 1, 8, 4, 3, np.float64),
 ])
 def test_forward_with_all_states_in_one_thread(blocks, shape, B, T, D, N, dtype):
-    """The default forward's own paths: states in groups, a forward chunk that is not the
+    """The forward's own paths: states in groups, a forward chunk that is not the
     backward's, more (channel, state) pairs than threads, odd block shapes."""
     blocks(shape)
     compare(B, T, D, N, dtype, 16)
@@ -134,16 +131,13 @@ def test_block_shapes_are_checked():
     cuda_scan.ScanConfig(fwd_steps=8, bwd_segments=8, bwd_steps=8).check()
     with pytest.raises(ValueError, match="segments \\(3 steps\\) do not divide the backward's chunk"):
         cuda_scan.ScanConfig(fwd_steps=3).check()
-    with pytest.raises(ValueError, match="forward and backward chunks differ"):
-        cuda_scan.ScanConfig(fwd_spread_states=True, fwd_segments=4, fwd_steps=8).check()
 
 
-@pytest.mark.parametrize("B, T, D, N, spread", [(2, 5, 3, 0, False), (2, 5, 3, 0, True), (0, 4, 3, 2, False),
-                                                 (2, 4, 0, 2, False)])
-def test_empty_dimensions(blocks, monkeypatch, B, T, D, N, spread):
+@pytest.mark.parametrize("B, T, D, N", [(2, 5, 3, 0), (0, 4, 3, 2), (2, 4, 0, 2)])
+def test_empty_dimensions(blocks, monkeypatch, B, T, D, N):
     """N = 0: no state, y = D u (gated), as the reference. B = 0 or D = 0: empty results and zero sums,
     with nothing launched (a CUDA grid cannot have an empty axis; the simulator would not mind)."""
-    blocks(dict(SMALL, fwd_spread_states=spread))
+    blocks(SMALL)
     if B * D == 0:
         def refuse(*args):
             raise AssertionError("a kernel was launched on an empty grid")
@@ -211,10 +205,9 @@ def test_decays_that_underflow_float32(blocks):
     compare(2, 9, 3, 3, np.float32, 12, a_scale=15.0)
 
 
-@pytest.mark.parametrize("spread", [False, True])
-def test_segment_scan_over_four_segments(blocks, spread):
+def test_segment_scan_over_four_segments(blocks):
     """Four segments per chunk: the last segment folds three aggregates, forward and in reverse."""
-    blocks(dict(FOUR_SEGMENTS, fwd_spread_states=spread))
+    blocks(FOUR_SEGMENTS)
     compare(1, 7, 2, 2, np.float64, 5)
 
 
@@ -224,24 +217,11 @@ def test_one_segment_per_chunk(blocks):
     compare(1, 10, 3, 3, np.float64, 13)
 
 
-@pytest.mark.parametrize("spread", [False, True])
-def test_odd_block_shape(blocks, spread):
+def test_odd_block_shape(blocks):
     """Three channels and three state threads of one state each, chunks of 2 x 3 steps."""
     blocks(dict(channels=3, state_threads=3, states_per_thread=1, fwd_segments=2, fwd_steps=3,
-                bwd_segments=3, bwd_steps=2, fwd_spread_states=spread))
+                bwd_segments=3, bwd_steps=2))
     compare(1, 8, 4, 4, np.float32, 8)
-
-
-@pytest.mark.parametrize("shape, B, T, D, N, dtype", [
-    (dict(SMALL), 2, 9, 3, 5, np.float64),                            # two state groups
-    (dict(channels=2, state_threads=3, states_per_thread=1, fwd_segments=2, fwd_steps=2,
-          bwd_segments=2, bwd_steps=2), 1, 11, 3, 3, np.float32),      # some threads stage nothing
-])
-def test_forward_keeping_its_steps(blocks, shape, B, T, D, N, dtype):
-    """The spread forward that keeps a_t, b_t from the local scan for the fix-up (fwd_store_steps)
-    gives the same results as the one that computes them again."""
-    blocks(dict(shape, fwd_spread_states=True, fwd_store_steps=True))
-    compare(B, T, D, N, dtype, 9)
 
 
 @pytest.fixture

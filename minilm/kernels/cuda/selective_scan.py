@@ -22,13 +22,12 @@ Backward, with dy_t = dL/dy_t and the adjoint g_t = dL/dh_t:
     dA    = Σ_{b,t} g_t Δ_t a_t h_{t-1}    dB_t = Σ_d g_t Δ_t u_t      dC_t = Σ_d dy_t h_t
     dD    = Σ_{b,t} dy_t u_t               ddelta_bias = Σ_{b,t} ddelta_t
 
-How the work is laid out (one CUDA block per batch entry and group of CHANNELS channels). The
-forward has two layouts (ScanConfig.fwd_spread_states); the backward uses the second:
+How the work is laid out (one CUDA block per batch entry and group of CHANNELS channels):
 
-    all states in one thread (the forward's default, _make_forward_kernel_whole):
+    forward (_make_forward_kernel): all states of a channel in one thread
         thread = (channel lane, time segment)                 lane varies fastest: loads along D coalesce
         each thread owns all N states of one channel (up to 16 at a time) and STEPS consecutive steps
-    states spread over threads (_make_forward_kernel, the backward):
+    backward (_make_backward_kernel): states spread over threads
         thread = (channel lane, state thread, time segment)
         each thread owns STATES_PER_THREAD states of one channel and STEPS consecutive time steps
     a chunk = SEGMENTS × STEPS steps; the block walks the chunks in order (the backward: in reverse)
@@ -40,16 +39,14 @@ Inside a chunk the scan is two-level, with the associative operator of the refer
   1. each thread scans its own STEPS steps from h = 0 in registers; its segment's aggregate is
      (Π a_t, h_local);
   2. the aggregates are scanned across the segments through shared memory, starting from the state
-     carried out of the previous chunk, so every segment learns the state it starts from: with all
-     states in one thread, one thread per (channel, state) walks the chunk's segments in order;
-     with spread states, every segment folds the aggregates of the segments before it
-     (_fold_segments);
+     carried out of the previous chunk, so every segment learns the state it starts from: in the
+     forward, one thread per (channel, state) walks the chunk's segments in order; in the
+     backward, every segment folds the aggregates of the segments before it (_fold_segments);
   3. fix-up: each thread replays its steps from that state, h_t = a_t h_{t-1} + b_t (computing a_t
-     and b_t again, which needs fewer registers per thread than keeping them; see
-     ScanConfig.fwd_store_steps and docs/kernels.md), and adds C_t h_t into y.
+     and b_t again: keeping them would take 2 × STEPS registers per state), and adds C_t h_t into y.
 
-The C-contraction y_t = Σ_n C_t h_t is a sum in registers when a thread holds all states, and a
-reduction over the state threads through shared memory when they are spread.
+The C-contraction y_t = Σ_n C_t h_t is a sum in registers in the forward (a thread holds all
+states), and a reduction over the state threads in the backward.
 
 The only per-step state that reaches global memory is the state entering every chunk of the
 backward, `carries` (B, n_chunks, N, D): the backward rebuilds each chunk's states from it (steps
@@ -105,23 +102,16 @@ class ScanConfig:
     """Block shape of the scan kernels (module constants; tests shrink them).
 
     channels           channels per block, the fastest thread index (coalesced loads along D)
-    state_threads      threads along the state axis (at most; fewer when N is small)
-    states_per_thread  states one thread keeps in registers
-                       (these two: the backward, and the forward with fwd_spread_states)
-    fwd_spread_states  forward: spread a channel's states over state_threads threads as the backward
-                       does (True), or keep all of them in one thread (False, _make_forward_kernel_whole)
-    fwd_thread_states  forward, states in one thread: at most this many (more: the states are walked
-                       in groups)
+    state_threads      backward: threads along the state axis (at most; fewer when N is small)
+    states_per_thread  backward: states one thread keeps in registers
+    fwd_thread_states  forward: states one thread holds, at most (more: the states are walked in
+                       groups)
     fwd_segments, fwd_steps    forward: time segments per chunk, steps per segment
     bwd_segments, bwd_steps    backward: the same. The backward restarts every chunk of its own from
-                               the state the forward stored there, so the forward must store those:
-                               the spread forward has the same chunk, the other one has segments
-                               whose length divides it
+                               the state the forward stored there, so the forward's segments must
+                               divide the backward's chunk
     fwd_min_blocks, bwd_min_blocks   0, or the blocks per multiprocessor to ask the compiler to make
                                room for (CUDA launch bounds: it then caps the registers per thread)
-    fwd_store_steps            spread forward: keep each step's a_t, b_t in registers from the local
-                               scan for the fix-up (2 × STEPS × STATES_PER_THREAD registers), or compute
-                               them again there (a second exp2 per step and state, far fewer registers)
     bwd_warp_sums              backward: add the per-thread terms of dB, dC (over the channel lanes)
                                and of Σ_n g B, Σ_n g A a h, Σ_n C h (over a warp's state threads) with
                                warp shuffles, instead of shared-memory atomics on one address per
@@ -134,15 +124,13 @@ class ScanConfig:
     channels: int = 8
     state_threads: int = 8
     states_per_thread: int = 2
-    fwd_spread_states: bool = False
     fwd_thread_states: int = 16
-    fwd_segments: int = 16
+    fwd_segments: int = 16      # H200, B=4 L=4K D=1536 N=16: forward kernel 0.65-0.76 ms; 8: 0.60-0.77
     fwd_steps: int = 8
     bwd_segments: int = 8
     bwd_steps: int = 8
     fwd_min_blocks: int = 6     # 80 registers (sm_90): 6 blocks of 128 threads per SM, 768 in one wave
-    bwd_min_blocks: int = 2     # 64 registers, two 512-thread blocks per multiprocessor (unbounded: 96, one)
-    fwd_store_steps: bool = False   # spread: keeping a_t, b_t needs 109 registers, not 92 (sm_90, unbounded)
+    bwd_min_blocks: int = 2     # 64 registers, two 512-thread blocks per SM: backward 1.55 ms; one: 2.12
     bwd_warp_sums: bool = True      # H200: backward 2.97 ms instead of 7.25 (B=4 L=4K D=1536 N=16)
 
     @property
@@ -151,20 +139,17 @@ class ScanConfig:
         return self.bwd_segments * self.bwd_steps
 
     def check(self):
-        if self.fwd_spread_states and self.fwd_segments * self.fwd_steps != self.chunk:
-            raise ValueError(f"forward and backward chunks differ: {self.fwd_segments}x{self.fwd_steps} "
-                             f"vs {self.bwd_segments}x{self.bwd_steps}")
-        if not self.fwd_spread_states and self.chunk % self.fwd_steps:
+        if self.chunk % self.fwd_steps:
             raise ValueError(f"the forward's segments ({self.fwd_steps} steps) do not divide the "
                              f"backward's chunk ({self.bwd_segments}x{self.bwd_steps})")
         return self
 
 
-# float64 tiles take twice the shared memory: half the chunk keeps a block under the 48 KiB that a
-# kernel may use statically.
+# float64 tiles take twice the shared memory: half the backward's chunk keeps a block under the
+# 48 KiB that a kernel may use statically.
 CONFIGS = {
     "float32": ScanConfig(),
-    "float64": ScanConfig(fwd_segments=8, bwd_segments=4, fwd_min_blocks=0),
+    "float64": ScanConfig(bwd_segments=4, fwd_min_blocks=0),
 }
 
 
@@ -287,198 +272,31 @@ _KERNELS = {}
 def _forward_kernel(dtype, config, N):
     """(kernel, threads per block) of the forward for this dtype, block shape and state count."""
     DG, S, K = config.channels, config.fwd_segments, config.fwd_steps
-    name = np.dtype(dtype).name
-    if not config.fwd_spread_states:
-        NS = _thread_states(config, N)
-        key = ("fwd_whole", name, DG, NS, S, K, config.chunk, config.fwd_min_blocks)
-        if key not in _KERNELS:
-            _KERNELS[key] = _make_forward_kernel_whole(_numba_type(dtype), DG, NS, S, K, config.chunk,
-                                                       config.fwd_min_blocks)
-        return _KERNELS[key], DG * S
-    NT, NPT = _layout(config, N)
-    key = ("fwd", name, DG, NT, NPT, S, K, config.fwd_min_blocks, config.fwd_store_steps)
+    NS = _thread_states(config, N)
+    key = ("fwd", np.dtype(dtype).name, DG, NS, S, K, config.chunk, config.fwd_min_blocks)
     if key not in _KERNELS:
-        _KERNELS[key] = _make_forward_kernel(_numba_type(dtype), DG, NT, NPT, S, K, config.fwd_min_blocks,
-                                             config.fwd_store_steps)
-    return _KERNELS[key], DG * NT * S
-
-
-def _make_forward_kernel(real, DG, NT, NPT, S, K, min_blocks, STORE_STEPS):
-    NP = NT * NPT                # states handled per pass over the sequence
-    CH = S * K                   # steps per chunk
-    THREADS = DG * NT * S
-    STAGED = _staged_rows(CH, DG, NP, THREADS)
-    OUT_ROWS = _rows_per_thread(CH * DG, THREADS)     # outputs per thread and chunk
-    exp2 = exp2_for(real)
-
-    @_device.jit_kernel(THREADS, min_blocks)
-    def forward_kernel(u, delta, A, Bm, Cm, Dskip, z, bias, h0, out, carries, final_state,
-                       has_z, has_h0, softplus):
-        batch = _u32(cuda.blockIdx.y)
-        d_first = _u32(cuda.blockIdx.x * DG)
-        tid = cuda.threadIdx.x
-        # Shared-memory indices are unsigned: Numba then skips negative-index wraparound and the
-        # compiler folds every access of the unrolled loops into base + constant offset.
-        lane = _u32(tid % DG)            # channel within the block
-        nt = _u32((tid // DG) % NT)      # state thread
-        seg = _u32(tid // (DG * NT))     # time segment within a chunk
-        row0 = _u32(seg * K)             # this segment's first row in the chunk tiles
-        col0 = _u32(nt * NPT)            # this thread's first state column
-        T = u.shape[1]
-        channels = u.shape[2]
-        N = A.shape[1]
-        d = d_first + lane
-        d_ok = d < channels
-        zero = real(0)
-        one = real(1)
-        log2e = real(LOG2E)
-        threshold = real(SOFTPLUS_THRESHOLD)
-
-        # one chunk of the inputs, shared by the block
-        s_step = cuda.shared.array((CH, DG), real)      # Δ_t
-        s_step_u = cuda.shared.array((CH, DG), real)    # Δ_t u_t
-        s_u = cuda.shared.array((CH, DG), real)         # u_t
-        s_B = cuda.shared.array((CH, NP), real)
-        s_C = cuda.shared.array((CH, NP), real)
-        s_scan_a = cuda.shared.array((S, NP, DG), real)   # segment aggregates (Π a, h)
-        s_scan_h = cuda.shared.array((S, NP, DG), real)
-        s_carry = cuda.shared.array((NP, DG), real)     # state entering the current chunk
-        s_y = cuda.shared.array((CH, NT, DG), real)     # Σ_n C h per state thread, summed below
-        s_zero = cuda.shared.array(1, _u32)             # 0, re-read every chunk (see the backward)
-        if tid == 0:
-            s_zero[0] = 0
-
-        KEPT = K if STORE_STEPS else 1
-        staged = cuda.local.array((STAGED, 2), real)    # this thread's share of a chunk's inputs
-        decay = cuda.local.array((KEPT, NPT), real)     # a_t of this thread's steps (with STORE_STEPS)
-        drive = cuda.local.array((KEPT, NPT), real)     # b_t
-        A2 = cuda.local.array(NPT, real)                # A log2 e
-        h = cuda.local.array(NPT, real)
-        prod = cuda.local.array(NPT, real)
-        carry_in = cuda.local.array(NPT, real)
-
-        n_chunks = (T + CH - 1) // CH
-        n_groups = max(1, (N + NP - 1) // NP)    # one pass even for N = 0: the skip term D u
-        for group in range(n_groups):
-            for j in range(NPT):
-                n = group * NP + nt * NPT + j
-                A2[j] = A[d, n] * log2e if (d_ok and n < N) else zero
-                if seg == 0:
-                    start = zero
-                    if has_h0 and d_ok and n < N:
-                        start = h0[batch, d, n]
-                    s_carry[col0 + _u32(j), lane] = start
-
-            for chunk in range(n_chunks):
-                t_first = chunk * CH
-                cuda.syncthreads()       # everyone is done with the previous chunk's tiles
-                row0 = _u32(seg * K) + s_zero[0]
-                _stage_inputs(u, delta, bias, Bm, Cm, s_step, s_step_u, s_u, s_B, s_C,
-                              batch, t_first, d_first, group * NP, softplus, threshold, zero, staged, THREADS)
-                if seg == 0:
-                    for j in range(NPT):
-                        carry_in[j] = s_carry[col0 + _u32(j), lane]
-                        n = group * NP + nt * NPT + j
-                        if d_ok and n < N:
-                            carries[batch, chunk, n, d] = carry_in[j]
-                cuda.syncthreads()
-
-                # 1. local scan of this segment from h = 0: its aggregate (Π a, h), and with
-                #    STORE_STEPS the a_t and b_t for step 3 (which otherwise computes them again)
-                for j in range(NPT):
-                    h[j] = zero
-                    prod[j] = one
-                # A while loop on a 32-bit counter, not `for k in range(K)`: Numba lowers range() to
-                # a 64-bit iterator whose bookkeeping (~7 instructions per step in the sm_90 code, as
-                # many as the step's arithmetic) the compiler repeats in every unrolled copy.
-                k = _u32(0)
-                while k < K:
-                    t = row0 + k
-                    step = s_step[t, lane]
-                    step_u = s_step_u[t, lane]
-                    for j in range(NPT):
-                        a = exp2(step * A2[j])
-                        b = step_u * s_B[t, col0 + _u32(j)]
-                        if STORE_STEPS:
-                            decay[k, j] = a
-                            drive[k, j] = b
-                        h[j] = a * h[j] + b
-                        prod[j] = prod[j] * a
-                    k = _u32(k + 1)
-                # the carried state comes first: (1, carry) ∘ (Π a, h) = (Π a, Π a · carry + h)
-                if seg == 0:
-                    for j in range(NPT):
-                        h[j] = prod[j] * carry_in[j] + h[j]
-
-                # 2. scan of the segment aggregates across the block
-                for j in range(NPT):
-                    s_scan_a[seg, col0 + _u32(j), lane] = prod[j]
-                    s_scan_h[seg, col0 + _u32(j), lane] = h[j]
-                cuda.syncthreads()
-                _fold_segments(s_scan_a, s_scan_h, prod, h, carry_in, seg, col0, lane, NPT, S, False)
-                for j in range(NPT):
-                    if seg == S - 1:
-                        s_carry[col0 + _u32(j), lane] = h[j]      # the state entering the next chunk
-                        n = group * NP + nt * NPT + j
-                        if chunk == n_chunks - 1 and d_ok and n < N:
-                            final_state[batch, d, n] = h[j]
-
-                # 3. fix-up: replay the steps from the segment's true starting state
-                for j in range(NPT):
-                    h[j] = carry_in[j]
-                k = _u32(0)
-                while k < K:
-                    t = row0 + k
-                    y = zero
-                    for j in range(NPT):
-                        if STORE_STEPS:
-                            a = decay[k, j]
-                            b = drive[k, j]
-                        else:
-                            a = exp2(s_step[t, lane] * A2[j])
-                            b = s_step_u[t, lane] * s_B[t, col0 + _u32(j)]
-                        h[j] = a * h[j] + b
-                        y += s_C[t, col0 + _u32(j)] * h[j]
-                    s_y[t, nt, lane] = y
-                    k = _u32(k + 1)
-                cuda.syncthreads()
-
-                # y = Σ over state threads, then the skip connection and the gate
-                for r in range(OUT_ROWS):       # few and fixed: unrolled, no loop counter left
-                    index = _u32(tid + r * THREADS)
-                    t_local = index // DG
-                    ln = index % DG
-                    t = _u32(t_first + t_local)
-                    dd = d_first + ln
-                    if index < CH * DG and t < T and dd < channels:
-                        y = zero
-                        for q in range(NT):
-                            y += s_y[t_local, q, ln]
-                        last = group == n_groups - 1
-                        if last:
-                            y += Dskip[dd] * s_u[t_local, ln]
-                        _emit_output(out, z, batch, t, dd, y, group == 0, last, has_z, one)
-
-    return forward_kernel
+        _KERNELS[key] = _make_forward_kernel(_numba_type(dtype), DG, NS, S, K, config.chunk,
+                                             config.fwd_min_blocks)
+    return _KERNELS[key], DG * S
 
 
 def _thread_states(config, N):
-    """States one thread of the forward holds in registers (fwd_spread_states=False): all N, or N
+    """States one thread of the forward holds in registers: all N, or N
     split into as few equal groups as fwd_thread_states allows (at least one, for N = 0)."""
     groups = max(1, -(-N // config.fwd_thread_states))
     return max(1, -(-N // groups))
 
 
-def _make_forward_kernel_whole(real, DG, NS, S, K, CC, min_blocks):
-    """The forward with all NS states of a channel in one thread (ScanConfig.fwd_spread_states=False).
+def _make_forward_kernel(real, DG, NS, S, K, CC, min_blocks):
+    """The forward, all NS states of a channel in one thread.
 
     thread = (channel lane, time segment); a chunk = S segments × K steps; CC: the spacing of the
     stored carries (the backward's chunk, a multiple of K).
 
     A thread runs its segment's steps for all of its channel's states at once, so everything that
     depends on (t, d) only, the loads of Δ_t and u_t, the softplus, the sum y_t = Σ_n C_t h_t, the
-    skip and the gate, is paid once per NS states, and y_t is finished in registers (the spread
-    layout sums it over its state threads through shared memory). A thread stages its own steps'
+    skip and the gate, is paid once per NS states, and y_t is finished in registers (the backward,
+    which spreads the states over threads, sums it through shared memory). A thread stages its own steps'
     Δ_t and u_t; the block stages B_t and C_t, which all of its channels read. The scan across
     segments runs per (channel, state) pair instead of per thread: after the local scans, each of
     the DG × NS pairs is walked through the chunk's S segments by one thread, which turns every
@@ -594,7 +412,10 @@ def _make_forward_kernel_whole(real, DG, NS, S, K, CC, min_blocks):
                     A2[j] = s_A2[j, lane]
                     h[j] = zero
                 steps_sum = zero
-                k = _u32(0)          # a 32-bit counter: see the spread forward's step loop
+                # A while loop on a 32-bit counter, not `for k in range(K)`: Numba lowers range() to
+                # a 64-bit iterator whose bookkeeping (~7 instructions per step in the sm_90 code)
+                # the compiler repeats in every unrolled copy.
+                k = _u32(0)
                 while k < K:
                     row = _u32(k * S + seg)
                     step = s_step[row, lane]
@@ -668,7 +489,7 @@ def _make_forward_kernel_whole(real, DG, NS, S, K, CC, min_blocks):
 
 if cuda is not None:
     @cuda.jit(device=True)
-    def _stage_inputs(u, delta, bias, Bm, Cm, s_step, s_step_u, s_u, s_B, s_C,
+    def _stage_inputs(u, delta, bias, Bm, Cm, s_step, s_step_u, s_B, s_C,
                       batch, t_first, d_first, n_first, softplus, threshold, zero, staged, threads):
         """Copy one chunk of the inputs into shared memory, Δ already through bias and softplus.
 
@@ -677,10 +498,11 @@ if cuda is not None:
 
         A thread issues its loads of (delta + bias, u) first, into the first rows of `staged` (a
         local array in registers of _staged_rows(...) rows), then _stage_states loads and stores
-        B and C (into the rows after them), then the thread stores its (Δ, Δ u, u): the loads are
+        B and C (into the rows after them), then the thread stores its (Δ, Δ u): the loads are
         in flight together, one trip to memory per chunk instead of one per element (a store to
         shared memory between two loads keeps the second waiting for the first).
-        s_u may be None: the backward, short of shared memory, takes u from `staged` instead.
+        u stays in `staged` (rows 0, 1, ..., column 1): the backward, short of shared memory, has
+        no tile for it, and its epilogue handles the same (t, d) elements as this thread.
         """
         tid = _u32(cuda.threadIdx.x)
         CH = s_step.shape[0]
@@ -718,8 +540,6 @@ if cuda is not None:
                     step = _softplus(step, threshold)
                 s_step[t_local, ln] = step
                 s_step_u[t_local, ln] = step * staged[r, 1]
-                if s_u is not None:
-                    s_u[t_local, ln] = staged[r, 1]
 
     @cuda.jit(device=True)
     def _emit_output(out, z, b, t, d, y, first_group, last_group, has_z, one):
@@ -735,7 +555,7 @@ if cuda is not None:
     @cuda.jit(device=True)
     def _stage_states(Bm, Cm, s_B, s_C, b, t_first, n_first, zero, staged, first_row, threads, segments):
         """Copy one chunk of B and C (states n_first, n_first + 1, ...) into shared memory. With
-        segments > 1 the rows are step-major, as _make_forward_kernel_whole reads them: with
+        segments > 1 the rows are step-major, as _make_forward_kernel reads them: with
         CH = segments × steps, step k of segment s (chunk step s · steps + k) goes to row
         k · segments + s. States past N and steps past T get B = C = 0.
 
@@ -991,7 +811,7 @@ def _make_backward_kernel(real, DG, NT, NPT, S, K, min_blocks, WARP_SUMS=False):
                 # warp sums (sm_90) it would save 4 % of the instructions but spill 76 / 88 B, not
                 # 60 / 56 (untimed).
                 row0 = _u32(seg * K) + s_zero[0]
-                _stage_inputs(u, delta, bias, Bm, Cm, s_step, s_step_u, None, s_B, s_C,
+                _stage_inputs(u, delta, bias, Bm, Cm, s_step, s_step_u, s_B, s_C,
                               batch, t_first, d_first, group * NP, softplus, threshold, zero, staged, THREADS)
                 _stage_output_grad(dout, z, s_dy, s_dBC, s_sums,
                                    batch, t_first, d_first, has_z, not WARP_SUMS, zero, one, THREADS)
