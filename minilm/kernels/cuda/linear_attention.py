@@ -74,23 +74,22 @@ DECAY_NONE, DECAY_PER_HEAD, DECAY_PER_STEP = 0, 1, 2
 TILES = {"float32": 64, "float64": 32}
 REGS = {"float32": 4, "float64": 4}
 # Launch bounds of the tile kernels, per dtype: blocks per multiprocessor to leave room for (0: none).
-# With 64-step tiles and 4 × 4 register tiles, 3 keeps every tile kernel at 80 registers or fewer,
-# 24 resident warps (sm_90, bench/cuda_registers.py; on an H200 14 % faster forward+backward than
-# without, when dk and dv compiled to 86 and 92 registers unbounded). Since the block's batch and
-# head are unsigned and computed once (_batch_head), 4 (64 registers, 32 warps) spills nothing
-# either; not yet timed (bench/gpu_check.py's sweep has it), so 3 stays.
-MIN_BLOCKS = {"float32": 3, "float64": 0}
+# With 64-step tiles and 4 × 4 register tiles, 4 keeps every tile kernel at 64 registers with
+# nothing spilled: 32 resident warps (sm_90, bench/cuda_registers.py). On an H200 each tile kernel
+# ran 3-11 % faster than with 3 (80 registers, 24 warps; docs/kernels.md, seventh run).
+MIN_BLOCKS = {"float32": 4, "float64": 0}
 # The tile products on float FMAs ("off"), or on tensor cores: "tf32" (inputs rounded to 10 mantissa
 # bits, relative errors near 1e-3, as Triton's default for float32 dot products) or "3xtf32" (each
 # input split in two TF32 parts, three mma: close to float32). float32 only; tiles a multiple of 16.
 # Off by default: FMAs compute in plain float32 and run on every CUDA GPU (the mma needs sm_80). On
-# an H200 (docs/kernels.md, fifth run) the forward at L=16K took 1.19 ms on FMAs, 1.16 on 3xTF32 and
-# 1.00 on TF32; bench/gpu_check.py sweeps them.
+# an H200 (docs/kernels.md, sixth run) the forward at L=16K took 1.13 ms on FMAs, 1.15 on 3xTF32 and
+# 0.93 on TF32; bench/gpu_check.py sweeps them.
 TENSOR_CORES = {"float32": "off", "float64": "off"}
 LAYOUTS = {"off": 0, "tf32": 1, "3xtf32": 2}       # the `layout` argument of _tile_mma
 # Elements of a tile one thread loads before storing them to shared memory (_load_tile), per dtype:
 # the loads in flight per thread. 1 is the plain loop (on an H200 it left the tile kernels at a
-# seventh of copy bandwidth); under the launch bounds (sm_90) neither 4 nor 8 spill.
+# seventh of copy bandwidth); under the launch bounds (sm_90) 4 spills nothing, 8 spills in three of
+# the five kernels.
 LOADS = {"float32": 4, "float64": 4}
 SCAN_THREADS = 256     # threads per block of the chunk scan and of the decay-gradient kernel
 SCAN_UNROLL = 4        # chunks whose increments the scan loads before folding them in (more loads in flight)
