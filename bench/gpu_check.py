@@ -32,7 +32,8 @@ written after every section (results.json, timings.csv, summary.csv in --out):
      growth with L included), with the fastest entries of the sweeps.
 
 --smoke runs the same code on tiny shapes (it works under NUMBA_ENABLE_CUDASIM=1, for testing this
-script without a GPU). The full run took 324 s on an H200 (peers and both sweeps included).
+script without a GPU). The full run took 330 s on an H200 (peers and both sweeps included);
+--no-peers --skip correctness,torch,pool,host leaves the timings and the sweeps (170 s).
 """
 import argparse
 import contextlib
@@ -716,21 +717,18 @@ def section_kernel_times(results, smoke, repeats=7):
 SWEEP = [  # scan block shapes, most promising first (the forward's segments must divide the backward's
            # chunk: the forward stores the state entering each of them); registers and warps per
            # multiprocessor for sm_90 from bench/cuda_registers.py
-    dict(),                                          # fwd (all states in a thread) 80 registers (20 B spilled), 24 warps; bwd (warp sums) 64 (60 B spilled), 32 warps
-    dict(fwd_spread_states=True, fwd_segments=4, fwd_steps=16, fwd_min_blocks=4),   # the spread fwd of the fifth run: 64 registers, 32 warps
+    dict(),                                          # fwd 128-thread blocks: 80 registers (20 B spilled), 24 warps; bwd (warp sums) 64 (60 B spilled), 32 warps
+    dict(fwd_segments=8),                            # fwd 64-thread blocks, chunks of 64: 165 registers, 12 warps
+    dict(fwd_steps=4),                               # fwd 128-thread blocks of 4 steps, chunks of 64: 80 (40 B spilled), 24 warps
     dict(bwd_min_blocks=1),                          # bwd 127 registers (none spilled), 16 warps
-    dict(fwd_min_blocks=0),                          # fwd 134 registers, 12 warps
-    dict(fwd_segments=8, fwd_min_blocks=6),          # fwd 64-thread blocks, chunks of 64: 165 registers, 12 warps
-    dict(fwd_segments=8, fwd_steps=16, fwd_min_blocks=0, bwd_segments=4, bwd_steps=16),  # 16 steps per thread: fwd 186, bwd 122 registers
     dict(bwd_warp_sums=False),                       # bwd sums by shared-memory atomics: 64 (232 B spilled), 32 warps
-    dict(fwd_spread_states=True, fwd_segments=4, fwd_steps=16, fwd_min_blocks=0, fwd_store_steps=True),  # as first measured
 ]
 LA_SWEEP = [  # linear attention: (tile = chunk, register tile, launch bounds: blocks per SM or 0,
               # tile products on float FMAs or tensor cores: off | 3xtf32 | tf32, tile loads in flight
               # per thread). Measured before (docs/kernels.md): 8 x 8 register tiles, tile 32, tensor
               # cores without launch bounds
-    (64, 4, 3, "off", 4), (64, 4, 3, "tf32", 4), (64, 4, 3, "3xtf32", 4), (64, 4, 4, "off", 4),
-    (64, 4, 3, "off", 8), (64, 4, 3, "off", 1), (64, 4, 0, "off", 4)]
+    (64, 4, 4, "off", 4), (64, 4, 3, "off", 4), (64, 4, 4, "tf32", 4), (64, 4, 3, "tf32", 4),
+    (64, 4, 4, "3xtf32", 4), (64, 4, 4, "off", 8), (64, 4, 4, "off", 1), (64, 4, 0, "off", 4)]
 
 
 def run_sweep(results, op, entries, configure, restore, forward, backward, L, until_s):
@@ -1001,6 +999,9 @@ def main():
     parser.add_argument("--sweeps", default="scan,la",
                         help="block-shape sweeps to run, comma-separated: scan, la (default: scan,la; none: neither)")
     parser.add_argument("--no-peers", action="store_true", help="skip running .whl/peers.py")
+    parser.add_argument("--skip", default="",
+                        help="sections to leave out, comma-separated: correctness, torch, pool, host "
+                             "(for a short run that only compares block shapes)")
     parser.add_argument("--peers-timeout", type=int, default=150)
     parser.add_argument("--sweep-until", type=int, default=420,
                         help="seconds into the run after which the linear-attention sweep starts no new "
@@ -1016,15 +1017,20 @@ def main():
             scan.set_config(dtype, channels=2, state_threads=2, states_per_thread=2, fwd_segments=2, fwd_steps=4,
                             bwd_segments=2, bwd_steps=4)
             la.set_tile(dtype, 8)
-        SWEEP[1:] = [dict(fwd_spread_states=True, fwd_store_steps=True), dict(bwd_segments=4, bwd_steps=2)]
+        SWEEP[1:] = [dict(fwd_segments=4, fwd_steps=2), dict(bwd_segments=4, bwd_steps=2)]
 
+    skip = args.skip.split(",")
     results = Results(args.out)
     results.section("environment", section_environment)
-    results.section("correctness", section_correctness, args.smoke)
+    if "correctness" not in skip:
+        results.section("correctness", section_correctness, args.smoke)
     results.section("timings", section_timings, args.smoke)
-    results.section("torch tensors in and out", section_torch, args.smoke)
-    results.section("memory pool", section_memory_pool, args.smoke)
-    results.section("host time per call", section_host_profile, args.smoke)
+    if "torch" not in skip:
+        results.section("torch tensors in and out", section_torch, args.smoke)
+    if "pool" not in skip:
+        results.section("memory pool", section_memory_pool, args.smoke)
+    if "host" not in skip:
+        results.section("host time per call", section_host_profile, args.smoke)
     results.section("GPU time per kernel", section_kernel_times, args.smoke)
     if not args.no_peers:
         results.section("peers", section_peers, args.smoke, args.peers_timeout)
