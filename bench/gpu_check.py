@@ -937,10 +937,10 @@ def section_summary(results):
         add_vs_peer(f"scan fwd L={best_scan['L']}, best of sweep: speed-up vs pscan (ms)", best_scan["ms"],
                     ("mambapy", best_scan["L"]), TARGETS["scan_speedup_vs_mambapy"], "higher", speedup=True)
     best_both = fastest("scan sweep fwd", "fwdbwd_ms")
-    if best_both:   # forward and backward shapes combine freely: the fastest backward with the fastest forward
-        combined = best_scan["ms"] + (best_both["fwdbwd_ms"] - best_both["ms"])
-        add(f"scan L={best_both['L']}, best of sweep: fwd+bwd / fwd (ms)", combined, best_scan["ms"],
-            combined / best_scan["ms"], TARGETS["scan_fwdbwd_over_fwd"], "lower", "ours")
+    if best_both:   # one entry's own ratio: mixing entries would pair the minima of noisy timings
+        add(f"scan L={best_both['L']}, best of sweep: fwd+bwd / fwd (ms)", best_both["fwdbwd_ms"],
+            best_both["ms"], best_both["fwdbwd_ms"] / best_both["ms"], TARGETS["scan_fwdbwd_over_fwd"],
+            "lower", "ours")
     best_la = fastest("linear_attn sweep fwd", "ms")
     if best_la:
         add_vs_peer(f"linear attn fwd L={best_la['L']}, best of sweep: ours / fla (ms)", best_la["ms"],
