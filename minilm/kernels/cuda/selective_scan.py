@@ -49,7 +49,7 @@ The C-contraction y_t = Σ_n C_t h_t is a sum in registers in the forward (a thr
 states), and a reduction over the state threads in the backward.
 
 The only per-step state that reaches global memory is the state entering every chunk of the
-backward, `carries` (B, n_chunks, N, D): the backward rebuilds each chunk's states from it (steps
+backward, `carries` (B, n_chunks, D, N): the backward rebuilds each chunk's states from it (steps
 1-3 again), runs the adjoint recurrence backwards the same two-level way (the reverse scan carries
 a_t g_t of a chunk's first step into the chunk before it: the a_{t+1} shift across the boundary),
 and reads the gradients off (g_t, h_t). The adjoint's local scan needs only a_t, C_t and dy_t, not the states, so both local
@@ -446,7 +446,7 @@ def _make_forward_kernel(real, DG, NS, S, K, CC, min_blocks):
                         s = _u32(0)
                         while s < S:           # 32-bit counters, as in the step loops
                             if keep and t_seg % _u64(CC) == 0 and t_seg < T64:
-                                carries[b, t_seg // _u64(CC), n, dd] = state
+                                carries[b, t_seg // _u64(CC), dd, n] = state
                             local = s_fold[j, column]
                             s_fold[j, column] = state
                             state = exp2(fold_A2[f] * s_steps_sum[s, pair_lane]) * state + local
@@ -818,7 +818,7 @@ def _make_backward_kernel(real, DG, NT, NPT, S, K, min_blocks, WARP_SUMS=False):
                 for j in range(NPT):
                     n = group * NP + nt * NPT + j
                     if seg == 0:
-                        h_start[j] = carries[batch, chunk, n, d] if (d_ok and n < N) else zero
+                        h_start[j] = carries[batch, chunk, d, n] if (d_ok and n < N) else zero
                     if seg == S - 1:      # no gradient flows out of the final state
                         later[j] = s_scan_g[0, col0 + _u32(j), lane] if chunk_back > 0 else zero
                 cuda.syncthreads()
@@ -1079,7 +1079,8 @@ def forward(u, delta, A, Bm, Cm, D=None, z=None, delta_bias=None, delta_softplus
 
     n_chunks = -(-T // config.chunk)
     out = _device.empty((batch, T, channels), dtype, kind)
-    carries = _device.empty((batch, n_chunks, N, channels), dtype, kind)
+    # states last: the forward's fold threads (consecutive states of a channel) store them coalesced
+    carries = _device.empty((batch, n_chunks, channels, N), dtype, kind)
     final_state = _device.empty((batch, channels, N), dtype, kind)
     kernel, threads = _forward_kernel(dtype, config, N)
     grid = (-(-channels // config.channels), batch)
