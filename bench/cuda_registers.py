@@ -139,8 +139,8 @@ def occupancy(threads, registers, shared_bytes, cc):
 def scan_signatures():
     from numba import float32, int64, types
     a = {n: types.Array(float32, n, "C") for n in (1, 2, 3, 4)}
-    forward = (a[3], a[3], a[2], a[3], a[3], a[1], a[3], a[1], a[3], a[3], a[4], a[3], int64, int64, int64)
-    backward = (a[3], a[3], a[3], a[2], a[3], a[3], a[1], a[3], a[1], a[4],
+    forward = (a[3], a[3], a[2], a[1], a[1], a[1], a[3], a[1], a[3], a[3], a[4], a[3], int64, int64, int64)
+    backward = (a[3], a[3], a[3], a[2], a[1], a[1], a[1], a[3], a[1], a[4],
                 a[3], a[3], a[3], a[2], a[3], a[3], a[1], a[1], int64, int64)
     return forward, backward
 

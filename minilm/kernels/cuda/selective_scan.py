@@ -234,15 +234,9 @@ def _rows_per_thread(elements, threads):
     return -(-elements // threads)
 
 
-def _state_vector(states):
-    """States _stage_states loads together, one thread's group of consecutive ones: 4, 2 or 1."""
-    return 4 if states % 4 == 0 else (2 if states % 2 == 0 else 1)
-
-
 def _state_rows(chunk, states, threads):
     """Rows of a `staged` local array that _stage_states fills: one thread's (B, C) pairs."""
-    vector = _state_vector(states)
-    return vector * _rows_per_thread(chunk * states // vector, threads)
+    return _rows_per_thread(chunk * states, threads)
 
 
 def _staged_rows(chunk, channels, states, threads):
@@ -273,10 +267,10 @@ def _forward_kernel(dtype, config, N):
     """(kernel, threads per block) of the forward for this dtype, block shape and state count."""
     DG, S, K = config.channels, config.fwd_segments, config.fwd_steps
     NS = _thread_states(config, N)
-    key = ("fwd", np.dtype(dtype).name, DG, NS, S, K, config.chunk, config.fwd_min_blocks)
+    key = ("fwd", np.dtype(dtype).name, DG, NS, S, K, config.chunk, config.fwd_min_blocks, N)
     if key not in _KERNELS:
         _KERNELS[key] = _make_forward_kernel(_numba_type(dtype), DG, NS, S, K, config.chunk,
-                                             config.fwd_min_blocks)
+                                             config.fwd_min_blocks, N)
     return _KERNELS[key], DG * S
 
 
@@ -287,11 +281,12 @@ def _thread_states(config, N):
     return max(1, -(-N // groups))
 
 
-def _make_forward_kernel(real, DG, NS, S, K, CC, min_blocks):
+def _make_forward_kernel(real, DG, NS, S, K, CC, min_blocks, N_ROW):
     """The forward, all NS states of a channel in one thread.
 
     thread = (channel lane, time segment); a chunk = S segments × K steps; CC: the spacing of the
-    stored carries (the backward's chunk, a multiple of K).
+    stored carries (the backward's chunk, a multiple of K); N_ROW: the state count N, the row
+    length of B and C, which the kernel takes flattened (see _stage_states).
 
     A thread runs its segment's steps for all of its channel's states at once, so everything that
     depends on (t, d) only, the loads of Δ_t and u_t, the softplus, the sum y_t = Σ_n C_t h_t, the
@@ -397,7 +392,7 @@ def _make_forward_kernel(real, DG, NS, S, K, CC, min_blocks):
                         if d_ok and t < T64:
                             raw[k, 0] = delta[b, t, d] + step_bias
                             raw[k, 1] = u[b, t, d]
-                _stage_states(Bm, Cm, s_B, s_C, b, t_first, n_first, zero, staged, 0, THREADS, S)
+                _stage_states(Bm, Cm, s_B, s_C, b, t_first, n_first, T64, N_ROW, zero, staged, 0, THREADS, S)
                 for k in range(K):
                     step = raw[k, 0]
                     if has_softplus and d_ok and t0 + _u64(k) < T64:
@@ -489,7 +484,7 @@ def _make_forward_kernel(real, DG, NS, S, K, CC, min_blocks):
 
 if cuda is not None:
     @cuda.jit(device=True)
-    def _stage_inputs(u, delta, bias, Bm, Cm, s_step, s_step_u, s_B, s_C,
+    def _stage_inputs(u, delta, bias, Bm, Cm, n_row, s_step, s_step_u, s_B, s_C,
                       batch, t_first, d_first, n_first, softplus, threshold, zero, staged, threads):
         """Copy one chunk of the inputs into shared memory, Δ already through bias and softplus.
 
@@ -530,8 +525,8 @@ if cuda is not None:
                 value = u[b, t, dd]
             staged[r, 0] = step
             staged[r, 1] = value
-        _stage_states(Bm, Cm, s_B, s_C, b, _u64(t_first), _u64(n_first), zero, staged, per_channel,
-                      threads, 1)
+        _stage_states(Bm, Cm, s_B, s_C, b, _u64(t_first), _u64(n_first), T, n_row, zero, staged,
+                      per_channel, threads, 1)
         for r in range(per_channel):
             t_local = _u32(tid // DG + r * (threads // DG))
             if t_local < CH:
@@ -553,53 +548,66 @@ if cuda is not None:
         out[b, t, d] = y
 
     @cuda.jit(device=True)
-    def _stage_states(Bm, Cm, s_B, s_C, b, t_first, n_first, zero, staged, first_row, threads, segments):
+    def _stage_states(Bm, Cm, s_B, s_C, b, t_first, n_first, T, n_row, zero, staged, first_row, threads,
+                      segments):
         """Copy one chunk of B and C (states n_first, n_first + 1, ...) into shared memory. With
         segments > 1 the rows are step-major, as _make_forward_kernel reads them: with
         CH = segments × steps, step k of segment s (chunk step s · steps + k) goes to row
         k · segments + s. States past N and steps past T get B = C = 0.
 
-        Each thread loads groups of V consecutive states of a step (one address for V loads), all of
-        them into `staged` (rows first_row, first_row + 1, ...; B in column 0, C in 1) before it
-        stores any: the loads are in flight together.
-        Global indices are unsigned 64-bit: no negative-index wraparound, and loads a constant
-        number of steps apart are a constant distance apart in memory, so the compiler adds
-        offsets to one address (32-bit indices may wrap around before they are widened: each
-        address was formed again).
+        Bm, Cm: (B · T · N,), flat views of (B, T, N); n_row = N, a compile-time constant of the
+        kernel, so that loads a constant number of steps apart are a constant distance apart: the
+        compiler forms one address per array and adds offsets (with the arrays' own row length,
+        known only at run time, each load paid a multiply; global indices are unsigned 64-bit for
+        the same reason: 32-bit ones may wrap around before they are widened).
+
+        Consecutive threads take consecutive elements of the tile, in its (step-major) order: a
+        warp reads whole rows of B_t (coalesced: at 16 states two rows of 64 bytes, 4 sectors per
+        load) and its stores fall in 32 different banks. When the block's threads are a multiple
+        of the states, a thread keeps one state and walks the rows a, a + R, a + 2R, ... (a =
+        tid // NP, R = threads // NP); when R divides the segments too, row a + R r is chunk step
+        a · steps + (R r % segments) · steps + R r // segments: the thread's part plus a constant
+        of the (unrolled) pass. Each thread loads all of its elements into `staged` (rows
+        first_row, first_row + 1, ...; B in column 0, C in 1) before it stores any: the loads are
+        in flight together.
         """
         tid = _u32(cuda.threadIdx.x)
         CH = s_B.shape[0]
         NP = s_B.shape[1]
-        V = 4 if NP % 4 == 0 else (2 if NP % 2 == 0 else 1)     # as _state_vector(NP)
-        GROUPS = NP // V                                          # groups of V states in a row
-        T = _u64(Bm.shape[1])
-        N = _u64(Bm.shape[2])
+        N = _u64(n_row)
         steps = CH // segments
-        per_thread = (CH * GROUPS + threads - 1) // threads      # groups per thread
+        per_thread = (CH * NP + threads - 1) // threads
+        one_state = threads % NP == 0               # each thread keeps one state
+        rows_per_pass = threads // NP if one_state else 1
+        split_steps = one_state and segments % rows_per_pass == 0
         # (every result cast: Numba types uint32 // int as int64, and compares int64 with uint64
         # as float64)
         inside = t_first + _u64(CH) <= T and n_first + _u64(NP) <= N    # no checks per load
-        # Consecutive threads take consecutive groups of the tile, in its (step-major) order, so
-        # that a warp's stores fall in 32 different banks.
+        own_row = _u32(tid // NP)
+        own_state = _u32(tid % NP)
+        chunk_start = (b * T + t_first) * N + n_first      # element (b, t_first, n_first)
         for r in range(per_thread):
             index = _u32(tid + r * threads)
-            row = _u32(index // GROUPS)
-            t = t_first + _u64(row % segments * steps + row // segments)
-            n0 = n_first + _u64(index % GROUPS * V)
-            for v in range(V):
-                staged[first_row + r * V + v, 0] = zero
-                staged[first_row + r * V + v, 1] = zero
-                if index < CH * GROUPS and (inside or (t < T and n0 + _u64(v) < N)):
-                    staged[first_row + r * V + v, 0] = Bm[b, t, n0 + _u64(v)]
-                    staged[first_row + r * V + v, 1] = Cm[b, t, n0 + _u64(v)]
+            row = _u32(own_row + r * rows_per_pass) if one_state else _u32(index // NP)
+            n_local = own_state if one_state else _u32(index % NP)
+            if split_steps:
+                shift = r * rows_per_pass
+                t_local = _u32(own_row * steps) + _u32(shift % segments * steps + shift // segments)
+            else:
+                t_local = _u32(row % segments * steps + row // segments)
+            at = chunk_start + _u64(t_local) * N + _u64(n_local)
+            staged[first_row + r, 0] = zero
+            staged[first_row + r, 1] = zero
+            if row < CH and (inside or (t_first + _u64(t_local) < T and n_first + _u64(n_local) < N)):
+                staged[first_row + r, 0] = Bm[at]
+                staged[first_row + r, 1] = Cm[at]
         for r in range(per_thread):
             index = _u32(tid + r * threads)
-            row = _u32(index // GROUPS)
-            column = _u32(index % GROUPS * V)
-            if index < CH * GROUPS:
-                for v in range(V):
-                    s_B[row, _u32(column + v)] = staged[first_row + r * V + v, 0]
-                    s_C[row, _u32(column + v)] = staged[first_row + r * V + v, 1]
+            row = _u32(own_row + r * rows_per_pass) if one_state else _u32(index // NP)
+            column = own_state if one_state else _u32(index % NP)
+            if row < CH:
+                s_B[row, column] = staged[first_row + r, 0]
+                s_C[row, column] = staged[first_row + r, 1]
 
     @cuda.jit(device=True)
     def _fold_segments(s_a, s_h, prod, h, entering, seg, col0, lane, NPT, S, reverse):
@@ -714,14 +722,14 @@ def _backward_kernel(dtype, config, N):
     NT, NPT = _layout(config, N)
     DG, S, K = config.channels, config.bwd_segments, config.bwd_steps
     warp_sums = backward_warp_sums(config, N)
-    key = ("bwd", np.dtype(dtype).name, DG, NT, NPT, S, K, config.bwd_min_blocks, warp_sums)
+    key = ("bwd", np.dtype(dtype).name, DG, NT, NPT, S, K, config.bwd_min_blocks, warp_sums, N)
     if key not in _KERNELS:
-        _KERNELS[key] = _make_backward_kernel(_numba_type(dtype), DG, NT, NPT, S, K, config.bwd_min_blocks,
+        _KERNELS[key] = _make_backward_kernel(_numba_type(dtype), DG, NT, NPT, S, K, N, config.bwd_min_blocks,
                                               warp_sums)
     return _KERNELS[key], DG * NT * S
 
 
-def _make_backward_kernel(real, DG, NT, NPT, S, K, min_blocks, WARP_SUMS=False):
+def _make_backward_kernel(real, DG, NT, NPT, S, K, N_ROW, min_blocks, WARP_SUMS=False):
     NP = NT * NPT
     CH = S * K
     THREADS = DG * NT * S
@@ -811,7 +819,7 @@ def _make_backward_kernel(real, DG, NT, NPT, S, K, min_blocks, WARP_SUMS=False):
                 # warp sums (sm_90) it would save 4 % of the instructions but spill 76 / 88 B, not
                 # 60 / 56 (untimed).
                 row0 = _u32(seg * K) + s_zero[0]
-                _stage_inputs(u, delta, bias, Bm, Cm, s_step, s_step_u, s_B, s_C,
+                _stage_inputs(u, delta, bias, Bm, Cm, N_ROW, s_step, s_step_u, s_B, s_C,
                               batch, t_first, d_first, group * NP, softplus, threshold, zero, staged, THREADS)
                 _stage_output_grad(dout, z, s_dy, s_dBC, s_sums,
                                    batch, t_first, d_first, has_z, not WARP_SUMS, zero, one, THREADS)
@@ -1044,6 +1052,11 @@ def _dtype_name(array):
     return np.dtype(array.dtype).name
 
 
+def _flat(array):
+    """A 1-D view of a C-contiguous device array (the kernels index B and C with their own strides)."""
+    return array.reshape(array.size)
+
+
 @_device.in_one_context
 def forward(u, delta, A, Bm, Cm, D=None, z=None, delta_bias=None, delta_softplus=False, chunk_size=64,
             initial_state=None, return_state=False):
@@ -1085,7 +1098,8 @@ def forward(u, delta, A, Bm, Cm, D=None, z=None, delta_bias=None, delta_softplus
     kernel, threads = _forward_kernel(dtype, config, N)
     grid = (-(-channels // config.channels), batch)
     if batch and channels:      # a CUDA grid cannot be empty; an empty input has nothing to compute
-        kernel[grid, threads](u_d, delta_d, A_d, B_d, C_d, D_d, z_d, bias_d, h0_d, out, carries, final_state,
+        kernel[grid, threads](u_d, delta_d, A_d, _flat(B_d), _flat(C_d), D_d, z_d, bias_d, h0_d, out, carries,
+                              final_state,
                               int(z is not None), int(initial_state is not None), int(bool(delta_softplus)))
 
     cache = {"backend": "cuda", "kind": kind, "config": config,
@@ -1125,7 +1139,8 @@ def backward(dout, cache):
     kernel, threads = _backward_kernel(dtype, config, N)
     grid = (-(-channels // config.channels), batch)
     if batch and channels:      # as in the forward: nothing to compute, and the sums stay zero
-        kernel[grid, threads](dout_d, u_d, cache["delta"], cache["A"], cache["Bm"], cache["Cm"], cache["D"],
+        kernel[grid, threads](dout_d, u_d, cache["delta"], cache["A"], _flat(cache["Bm"]), _flat(cache["Cm"]),
+                              cache["D"],
                               cache["z"], cache["delta_bias"], cache["carries"],
                               du, ddelta, dz, dA, dBm, dCm, dD, dbias,
                               int(cache["has_z"]), int(cache["delta_softplus"]))
