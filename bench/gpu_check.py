@@ -717,11 +717,11 @@ def section_kernel_times(results, smoke, repeats=7):
 SWEEP = [  # scan block shapes, most promising first (the forward's segments must divide the backward's
            # chunk: the forward stores the state entering each of them); registers and warps per
            # multiprocessor for sm_90 from bench/cuda_registers.py
-    dict(),                                          # fwd 128-thread blocks: 80 registers (20 B spilled), 24 warps; bwd (warp sums) 64 (60 B spilled), 32 warps
-    dict(fwd_segments=8),                            # fwd 64-thread blocks, chunks of 64: 165 registers, 12 warps
-    dict(fwd_steps=4),                               # fwd 128-thread blocks of 4 steps, chunks of 64: 80 (40 B spilled), 24 warps
-    dict(bwd_min_blocks=1),                          # bwd 127 registers (none spilled), 16 warps
-    dict(bwd_warp_sums=False),                       # bwd sums by shared-memory atomics: 64 (232 B spilled), 32 warps
+    dict(),                                          # fwd 128-thread blocks: 80 registers (12 B spilled), 24 warps; bwd (warp sums) 64 (64 B spilled), 32 warps
+    dict(fwd_segments=8),                            # fwd 64-thread blocks, chunks of 64: 164 registers, 12 warps
+    dict(fwd_steps=4),                               # fwd 128-thread blocks of 4 steps, chunks of 64: 80 (28 B spilled), 24 warps
+    dict(bwd_min_blocks=1),                          # bwd 126 registers (none spilled), 16 warps
+    dict(bwd_warp_sums=False),                       # bwd sums by shared-memory atomics: 64 (236 B spilled), 32 warps
 ]
 LA_SWEEP = [  # linear attention: (tile = chunk, register tile, launch bounds: blocks per SM or 0,
               # tile products on float FMAs or tensor cores: off | 3xtf32 | tf32, tile loads in flight
