@@ -60,6 +60,7 @@ import numpy as np
 from minilm.kernels.cuda import _device
 from minilm.kernels.cuda._device import cuda
 from minilm.kernels.cuda._tensor_cores import mma_tf32, tf32
+from minilm.kernels.cuda._tiles import tile_element
 
 try:
     from numba import uint32 as _u32
@@ -220,16 +221,7 @@ if cuda is not None:
         TILE = src.shape[0]
         tid = _u32(cuda.threadIdx.x)
         for u in range(TILE * TILE // threads):
-            if threads % TILE == 0:
-                # each pass moves threads / TILE rows down the same column: the compiler then adds a
-                # constant to the first address instead of forming each one anew (on sm_90 about 7
-                # instructions per element with the shared-memory load, not 17)
-                r = tid // TILE + _u32(u * (threads // TILE))
-                c = tid % TILE
-            else:
-                index = tid + _u32(u * threads)
-                r = _u32(index // TILE)
-                c = _u32(index % TILE)
+            r, c = tile_element(tid, u, threads, TILE)
             dst[b, h, row0 + r, c] = src[r, c]
 
     @cuda.jit(device=True)

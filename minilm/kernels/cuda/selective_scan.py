@@ -52,26 +52,26 @@ The only per-step state that reaches global memory is the state entering every c
 backward, `carries` (B, n_chunks, D, N): the backward rebuilds each chunk's states from it (steps
 1-3 again), runs the adjoint recurrence backwards the same two-level way (the reverse scan carries
 a_t g_t of a chunk's first step into the chunk before it: the a_{t+1} shift across the boundary),
-and reads the gradients off (g_t, h_t). The adjoint's local scan needs only a_t, C_t and dy_t, not the states, so both local
-scans run before one barrier, after which both folds run. dB and dC (sums over channels) are added
-with atomics, first into shared-memory tiles and then, once per chunk, into float32/float64 global
-buffers; dA, dD and ddelta_bias too.
-The backward is therefore not bit-for-bit deterministic. With ScanConfig.bwd_warp_sums the sums
-over a warp's lanes are taken by shuffles first: a step's dB, dC terms over the channel lanes by a
-reduce-scatter (_scatter_sums: each of the 2 × STATES_PER_THREAD sums ends on its own lane), the
-sums over state threads by a butterfly (_xor_sum). Each warp stores its sums in shared memory with
-plain stores (the sums over state threads in a slot of its own, added in the epilogue).
+and reads the gradients off (g_t, h_t). The adjoint's local scan needs only a_t, C_t and dy_t, not
+the states, so both local scans run before one barrier, after which both folds run. dB and dC (sums
+over channels) are added with atomics, first into shared-memory tiles and then, once per chunk, into
+float32/float64 global buffers; dA, dD and ddelta_bias too. The backward is therefore not
+bit-for-bit deterministic. With ScanConfig.bwd_warp_sums the sums over a warp's lanes are taken by
+shuffles first: a step's dB, dC terms over the channel lanes by a reduce-scatter (_scatter_sums:
+each of the 2 × STATES_PER_THREAD sums ends on its own lane), the sums over state threads by a
+butterfly (_xor_sum). Each warp stores its sums in shared memory with plain stores (the sums over
+state threads in a slot of its own, added in the epilogue).
 
-When N exceeds the states one block holds at a time (STATE_THREADS × STATES_PER_THREAD, or
-fwd_thread_states in the forward's default layout), the block walks the states in groups, adding
-each group's partial sums into the output buffers.
+When N exceeds the states one block holds at a time (the forward: fwd_thread_states per thread;
+the backward: STATE_THREADS × STATES_PER_THREAD), the block walks the states in groups, adding each
+group's partial sums into the output buffers.
 
 Floating point: the state math is in the input dtype (float32 inputs: float32 throughout, the speed
 path; float64 works too). exp(Δ A) is computed as exp2(Δ · A log2 e): in float32 the hardware's
 approximate exp2 (~2 ulp) as one instruction, results below 2^-126 flushed to zero (_exp2.py says
 why that is safe for a decay); the float32 forward's softplus is that exp2 and a polynomial
-(_softplus_f32, within 4e-6 relative, 3.4e-7 for x in [-5, 20]); no fast-math flags otherwise. Results match the reference to ~1e-6
-relative in float32.
+(_softplus_f32, within 4e-6 relative, 3.4e-7 for x in [-5, 20]); no fast-math flags otherwise.
+Results match the reference to ~1e-6 relative in float32.
 
 Public API (inputs already validated by minilm.ops.selective_scan; NumPy arrays or CUDA arrays):
     available() -> (ok, reason); supports(**options) -> (ok, reason)
@@ -87,6 +87,7 @@ import numpy as np
 from minilm.kernels.cuda import _device
 from minilm.kernels.cuda._device import cuda
 from minilm.kernels.cuda._exp2 import exp2_flush, exp2_for
+from minilm.kernels.cuda._tiles import tile_element
 
 try:
     from numba import uint32 as _u32, uint64 as _u64
@@ -275,8 +276,8 @@ def _forward_kernel(dtype, config, N):
 
 
 def _thread_states(config, N):
-    """States one thread of the forward holds in registers: all N, or N
-    split into as few equal groups as fwd_thread_states allows (at least one, for N = 0)."""
+    """States one thread of the forward holds in registers: all N, or N split into as few equal
+    groups as fwd_thread_states allows (at least one, for N = 0)."""
     groups = max(1, -(-N // config.fwd_thread_states))
     return max(1, -(-N // groups))
 
@@ -291,8 +292,8 @@ def _make_forward_kernel(real, DG, NS, S, K, CC, min_blocks, N_ROW):
     A thread runs its segment's steps for all of its channel's states at once, so everything that
     depends on (t, d) only, the loads of Δ_t and u_t, the softplus, the sum y_t = Σ_n C_t h_t, the
     skip and the gate, is paid once per NS states, and y_t is finished in registers (the backward,
-    which spreads the states over threads, sums it through shared memory). A thread stages its own steps'
-    Δ_t and u_t; the block stages B_t and C_t, which all of its channels read. The scan across
+    which spreads the states over threads, sums it through shared memory). A thread stages its own
+    steps' Δ_t and u_t; the block stages B_t and C_t, which all of its channels read. The scan across
     segments runs per (channel, state) pair instead of per thread: after the local scans, each of
     the DG × NS pairs is walked through the chunk's S segments by one thread, which turns every
     segment's aggregate into the state entering it. A segment's Π a_t is exp2(A log2e Σ_t Δ_t),
@@ -561,15 +562,15 @@ if cuda is not None:
         known only at run time, each load paid a multiply; global indices are unsigned 64-bit for
         the same reason: 32-bit ones may wrap around before they are widened).
 
-        Consecutive threads take consecutive elements of the tile, in its (step-major) order: a
-        warp reads whole rows of B_t (coalesced: at 16 states two rows of 64 bytes, 4 sectors per
-        load) and its stores fall in 32 different banks. When the block's threads are a multiple
-        of the states, a thread keeps one state and walks the rows a, a + R, a + 2R, ... (a =
-        tid // NP, R = threads // NP); when R divides the segments too, row a + R r is chunk step
-        a · steps + (R r % segments) · steps + R r // segments: the thread's part plus a constant
-        of the (unrolled) pass. Each thread loads all of its elements into `staged` (rows
-        first_row, first_row + 1, ...; B in column 0, C in 1) before it stores any: the loads are
-        in flight together.
+        Consecutive threads take consecutive elements of the tile, in its (step-major) order
+        (_tiles.tile_element): a warp reads whole rows of B_t (coalesced: at 16 states two rows of
+        64 bytes, 4 sectors per load) and its stores fall in 32 different banks. When the block's
+        threads are a multiple of the states, a thread keeps one state and walks the rows a, a + R,
+        a + 2R, ... (a = tid // NP, R = threads // NP); when R divides the segments too, row a + R r
+        is chunk step a · steps + (R r % segments) · steps + R r // segments: the thread's part plus
+        a constant of the (unrolled) pass. Each thread loads all of its elements into `staged`
+        (rows first_row, first_row + 1, ...; B in column 0, C in 1) before it stores any: the loads
+        are in flight together.
         """
         tid = _u32(cuda.threadIdx.x)
         CH = s_B.shape[0]
@@ -577,22 +578,17 @@ if cuda is not None:
         N = _u64(n_row)
         steps = CH // segments
         per_thread = (CH * NP + threads - 1) // threads
-        one_state = threads % NP == 0               # each thread keeps one state
-        rows_per_pass = threads // NP if one_state else 1
-        split_steps = one_state and segments % rows_per_pass == 0
+        # row a + R r as a step: the thread's part plus a constant (see above)
+        split_steps = threads % NP == 0 and segments % max(1, threads // NP) == 0
         # (every result cast: Numba types uint32 // int as int64, and compares int64 with uint64
         # as float64)
         inside = t_first + _u64(CH) <= T and n_first + _u64(NP) <= N    # no checks per load
-        own_row = _u32(tid // NP)
-        own_state = _u32(tid % NP)
         chunk_start = (b * T + t_first) * N + n_first      # element (b, t_first, n_first)
         for r in range(per_thread):
-            index = _u32(tid + r * threads)
-            row = _u32(own_row + r * rows_per_pass) if one_state else _u32(index // NP)
-            n_local = own_state if one_state else _u32(index % NP)
+            row, n_local = tile_element(tid, r, threads, NP)
             if split_steps:
-                shift = r * rows_per_pass
-                t_local = _u32(own_row * steps) + _u32(shift % segments * steps + shift // segments)
+                shift = r * (threads // NP)
+                t_local = _u32(tid // NP * steps) + _u32(shift % segments * steps + shift // segments)
             else:
                 t_local = _u32(row % segments * steps + row // segments)
             at = chunk_start + _u64(t_local) * N + _u64(n_local)
@@ -602,9 +598,7 @@ if cuda is not None:
                 staged[first_row + r, 0] = Bm[at]
                 staged[first_row + r, 1] = Cm[at]
         for r in range(per_thread):
-            index = _u32(tid + r * threads)
-            row = _u32(own_row + r * rows_per_pass) if one_state else _u32(index // NP)
-            column = own_state if one_state else _u32(index % NP)
+            row, column = tile_element(tid, r, threads, NP)
             if row < CH:
                 s_B[row, column] = staged[first_row + r, 0]
                 s_C[row, column] = staged[first_row + r, 1]
