@@ -9,16 +9,17 @@
 #   bench/tensor_core_probe.py  a TF32 mma from numba.cuda through inline PTX, checked against NumPy
 #   bench/gpu_check.py          correctness at full size, timings, host-time profile, peers, sweeps
 #   bench/gpu_scaling.py        Numba CPU vs numba.cuda for L = 1K ... 64K
-#   ncu on bench/gpu_profile.py  where Nsight Compute is installed: the scan kernels' memory
-#                               tables (shared-memory wavefronts, bank conflicts, L1 sectors per
-#                               request) and their costliest instructions
+#   ncu on bench/gpu_profile.py  where Nsight Compute is installed: the scan kernels and the
+#                               linear-attention tile kernels, each with its warps' stall reasons,
+#                               pipe utilization, memory tables (shared-memory wavefronts, bank
+#                               conflicts, L1 sectors per request) and costliest instructions
 # and prints the end of gpu_check's log (its summary table). Results and logs land in OUT_DIR
-# (9 or 10 files). SMOKE=1 runs the last two on tiny shapes (with NUMBA_ENABLE_CUDASIM=1, without a GPU;
-# the probe cannot run under the simulator).
+# (9 files, 13 with the profiles). SMOKE=1 runs the check and the scaling on tiny shapes (with
+# NUMBA_ENABLE_CUDASIM=1, without a GPU; the probe cannot run under the simulator).
 set -uo pipefail
 out=${1:?usage: bash bench/gpu_run.sh OUT_DIR}
 smoke=()
-check_limit=350 scaling_limit=130 profile_limit=70   # seconds: with the install, under the 600 s of one call
+check_limit=350 scaling_limit=120 profile_limit=55   # seconds: with the install, under the 600 s of one call
 if [[ -n "${SMOKE:-}" ]]; then smoke=(--smoke); check_limit=1800; scaling_limit=900; fi   # the simulator is slow
 
 if [[ -z "${SMOKE:-}" ]] && compgen -G ".whl/*.whl" > /dev/null; then   # the simulator needs no wheels
@@ -42,11 +43,21 @@ timeout $scaling_limit python3 bench/gpu_scaling.py "${smoke[@]}" --out "$out/sc
     --cpu-max-L 4096 > "$out/scaling.log" 2>&1
 echo "gpu_scaling: exit status $?"
 ncu=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
+profile() {   # op, kernel-name regex, kernels per forward + backward call, time limit in seconds
+    # skip the first call's kernels (they run while Numba compiles), profile the second call's;
+    # the report's details page goes to ncu_OP.log, every metric it holds (the stall reasons, the
+    # pipes' utilization, ...) to ncu_OP_raw.log
+    timeout "$4" "$ncu" --kernel-name regex:"$2" --launch-skip "$3" --launch-count "$3" \
+        --section SpeedOfLight --section Occupancy --section SchedulerStats --section WarpStateStats \
+        --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables --section SourceCounters \
+        -f -o "/tmp/ncu_$1" python3 bench/gpu_profile.py "$1" > "$out/ncu_$1.log" 2>&1
+    echo "ncu ($1): exit status $?"
+    "$ncu" --import "/tmp/ncu_$1.ncu-rep" --page details >> "$out/ncu_$1.log" 2>&1
+    "$ncu" --import "/tmp/ncu_$1.ncu-rep" --page raw > "$out/ncu_$1_raw.log" 2>&1
+}
 if [[ -z "${SMOKE:-}" && -n "$ncu" ]]; then
-    timeout $profile_limit "$ncu" --kernel-name regex:'forward_kernel|backward_kernel' --launch-skip 2 \
-        --launch-count 2 --section SpeedOfLight --section MemoryWorkloadAnalysis_Tables \
-        --section SourceCounters python3 bench/gpu_profile.py scan > "$out/ncu_scan.log" 2>&1
-    echo "ncu (scan kernels): exit status $?"
+    profile scan 'forward_kernel|backward_kernel' 2 $profile_limit
+    profile linear_attention 'outer_kernel|output_kernel|dq_kernel|dk_kernel|dv_kernel' 6 $profile_limit
 fi
 cat "$out/tensor_core_probe.log" 2>/dev/null
 grep -v "Warning\|warn(" "$out/gpu_check.log" | tail -n 60
