@@ -24,7 +24,8 @@ written after every section (results.json, timings.csv, summary.csv in --out):
      the device, pooled results against unpooled ones, timings without it;
   5. where the host time of a call goes (cProfile, the costliest functions per call);
   6. the GPU time of each kernel of a call (CUDA events around every launch), next to the call's;
-  7. the peers (.whl/peers.py: copy bandwidth, fla chunk_linear_attn, mambapy pscan) in a subprocess;
+  7. the peers (.whl/peers.py: copy bandwidth, fla chunk_linear_attn, mambapy pscan, and PyTorch's
+     causal SDPA for bench/gpu_scaling.py's plot) in a subprocess;
   8. while time allows (--sweep-until), a sweep of the linear-attention tiles (float FMAs or tensor
      cores) and of the scan's block shapes (--sweeps), each entry's output and gradients checked
      against the default's, its whole calls timed and the GPU time of each of its kernels;
@@ -811,7 +812,7 @@ def section_peers(results, smoke, timeout):
     if smoke or not os.path.exists(script):
         log(f"(peers skipped: {'smoke run' if smoke else script + ' not found'}; using the recorded H100 figures)")
         return
-    command = [sys.executable, script, "--what", "ceiling,fla,mambapy", "--L", "1024,4096,16384"]
+    command = [sys.executable, script, "--what", "ceiling,fla,mambapy,sdpa", "--L", "1024,4096,16384"]
     log("running:", " ".join(command))
     try:
         completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout)

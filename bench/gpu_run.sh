@@ -8,7 +8,8 @@
 # time limit so that the next always gets its turn:
 #   bench/tensor_core_probe.py  a TF32 mma from numba.cuda through inline PTX, checked against NumPy
 #   bench/gpu_check.py          correctness at full size, timings, host-time profile, peers, sweeps
-#   bench/gpu_scaling.py        Numba CPU vs numba.cuda for L = 1K ... 64K
+#   bench/gpu_scaling.py        Numba CPU vs numba.cuda for L = 1K ... 64K, with the peers gpu_check
+#                               timed (fla, mambapy pscan, PyTorch's SDPA)
 #   ncu on bench/gpu_profile.py  where Nsight Compute is installed: the scan kernels and the
 #                               linear-attention tile kernels, each with its warps' stall reasons,
 #                               pipe utilization, memory tables (shared-memory wavefronts, bank
@@ -36,11 +37,11 @@ if [[ -z "${SMOKE:-}" ]]; then
     timeout 30 python3 bench/tensor_core_probe.py > "$out/tensor_core_probe.log" 2>&1
     echo "tensor_core_probe: exit status $?"
 fi
-timeout $check_limit python3 bench/gpu_check.py "${smoke[@]}" --out "$out/gpu" --peers-timeout 120 --sweep-until 280 \
+timeout $check_limit python3 bench/gpu_check.py "${smoke[@]}" --out "$out/gpu" --peers-timeout 140 --sweep-until 280 \
     > "$out/gpu_check.log" 2>&1
 echo "gpu_check: exit status $?"
 timeout $scaling_limit python3 bench/gpu_scaling.py "${smoke[@]}" --out "$out/scaling" --no-peers --numpy-max-L 0 \
-    --cpu-max-L 4096 > "$out/scaling.log" 2>&1
+    --cpu-max-L 4096 --peer-results "$out/gpu/results.json" > "$out/scaling.log" 2>&1
 echo "gpu_scaling: exit status $?"
 ncu=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
 profile() {   # op, kernel-name regex, kernels per forward + backward call, time limit in seconds

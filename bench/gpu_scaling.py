@@ -4,7 +4,7 @@ For each op and L = 1K, 2K, ..., 64K (forward; forward + backward where cheap en
 
     selective scan    B=4 D=1536 N=16      NumPy reference (small L), Numba CPU, numba.cuda, mambapy pscan
     linear attention  B=2 H=16 d=64        NumPy reference (small L), Numba CPU, numba.cuda, fla chunk / recurrent
-    softmax attention B=2 H=16 d=64        PyTorch SDPA, causal (fp32 and bf16), the O(L²) baseline
+    softmax attention B=2 H=16 d=64        PyTorch SDPA, causal, fp32: the O(L²) baseline
 
 The numba.cuda kernels get PyTorch tensors, as the peers do, where PyTorch has CUDA.
 
@@ -17,7 +17,9 @@ Prints a table as it goes, then writes scaling.csv, scaling.json and scaling.png
 panel per op, the device name and versions in the title) into --out. Every measurement is guarded:
 a backend that is missing, runs out of memory or exceeds its time budget is reported and skipped,
 and the results so far are written after every row. --max-L, --cpu-max-L and --numpy-max-L bound
-the sweep; --smoke runs tiny shapes (also under NUMBA_ENABLE_CUDASIM=1).
+the sweep; --smoke runs tiny shapes (also under NUMBA_ENABLE_CUDASIM=1). The peers take minutes
+(one process per length); --no-peers skips them, and --peer-results adds the ones that
+bench/gpu_check.py timed in the same run (at L = 1K, 4K, 16K) from its results.json instead.
 """
 import argparse
 import csv
@@ -177,7 +179,38 @@ def la_rows(table, Ls, args):
 # peers (PyTorch): one subprocess per group, so that a crash or an out-of-memory cannot take the
 # rest of the sweep with it
 
+RECORDED = "(timed by gpu_check.py)"      # the note on the rows of peers taken from gpu_check's results
+
+
+def add_peer_record(table, record, note=""):
+    """One JSON record of .whl/peers.py as rows of the table (records of other kinds are skipped)."""
+    peer = record.get("peer")
+    L = record.get("L")
+    if peer == "mambapy_pscan":
+        table.add("selective_scan", "mambapy-pscan", L, record["fwd_ms"], None,
+                  f"peak {record.get('peak_GiB', 0):.1f} GiB {note}".strip())
+    elif peer == "fla_chunk_linear_attn":
+        table.add("linear_attention", "fla-chunk", L, record["fwd_ms"], record["fwdbwd_ms"], note)
+        table.add("linear_attention", "fla-recurrent", L, record["recurrent_fwd_ms"], None, note)
+    elif peer == "sdpa_causal":
+        table.add("softmax_attention", f"sdpa-{record['dtype'].replace('torch.', '')}", L,
+                  record["fwd_ms"], record["fwdbwd_ms"], note)
+
+
+def add_recorded_peers(table, results_path):
+    """The peers in bench/gpu_check.py's results.json (results_path) as rows of the table."""
+    if not os.path.exists(results_path):
+        log(f"(no peer results: {results_path} not found)")
+        return
+    with open(results_path) as f:
+        records = json.load(f).get("peers", [])
+    for record in records:
+        add_peer_record(table, record, RECORDED)
+
+
 def peer_rows(table, Ls, args):
+    if args.peer_results:      # the peers bench/gpu_check.py timed in the same run, at its lengths
+        add_recorded_peers(table, args.peer_results)
     script = os.path.join(ROOT, ".whl", "peers.py")
     if args.smoke or args.no_peers or not os.path.exists(script):
         log(f"(peers skipped: {'smoke run' if args.smoke else '--no-peers' if args.no_peers else script + ' not found'})")
@@ -198,18 +231,10 @@ def peer_rows(table, Ls, args):
                     record = json.loads(line)
                 except ValueError:
                     continue
-                peer = record.get("peer")
                 if "error" in record:
                     table.add(what, "peer", L, note=f"failed: {record['error']}"[:160])
-                elif peer == "mambapy_pscan":
-                    table.add("selective_scan", "mambapy-pscan", L, record["fwd_ms"], None,
-                              f"peak {record.get('peak_GiB', 0):.1f} GiB")
-                elif peer == "fla_chunk_linear_attn":
-                    table.add("linear_attention", "fla-chunk", L, record["fwd_ms"], record["fwdbwd_ms"])
-                    table.add("linear_attention", "fla-recurrent", L, record["recurrent_fwd_ms"], None)
-                elif peer == "sdpa_causal":
-                    table.add("softmax_attention", f"sdpa-{record['dtype'].replace('torch.', '')}", L,
-                              record["fwd_ms"], record["fwdbwd_ms"])
+                else:
+                    add_peer_record(table, record)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -230,14 +255,15 @@ def plot(table, path):
     figure, axes = plt.subplots(1, len(ops), figsize=(6 * len(ops), 4.8), squeeze=False)
     for axis, op in zip(axes[0], ops):
         backends = sorted({r["backend"] for r in table.rows if r["op"] == op and r["fwd_ms"]})
-        for backend in backends:
+        for index, backend in enumerate(backends):
+            color = f"C{index}"      # one colour per backend: forward solid, forward+backward dashed
             points = sorted((r["L"], r["fwd_ms"]) for r in table.rows
                             if r["op"] == op and r["backend"] == backend and r["fwd_ms"])
-            axis.loglog([p[0] for p in points], [p[1] for p in points], "o-", label=f"{backend} fwd")
+            axis.loglog([p[0] for p in points], [p[1] for p in points], "o-", color=color, label=f"{backend} fwd")
             both = sorted((r["L"], r["fwdbwd_ms"]) for r in table.rows
                           if r["op"] == op and r["backend"] == backend and r["fwdbwd_ms"])
             if both:
-                axis.loglog([p[0] for p in both], [p[1] for p in both], "x--", alpha=0.6,
+                axis.loglog([p[0] for p in both], [p[1] for p in both], "x--", color=color, alpha=0.6,
                             label=f"{backend} fwd+bwd")
         axis.set_title(op)
         axis.set_xlabel("sequence length L")
@@ -250,6 +276,18 @@ def plot(table, path):
     log(f"plot: {path}")
 
 
+def replot(args):
+    """Rebuild scaling.csv, .json and .png in args.out from its scaling.json, adding recorded peers."""
+    with open(os.path.join(args.out, "scaling.json")) as f:
+        saved = json.load(f)
+    table = Table(args.out, saved["title"])
+    table.rows = [row for row in saved["rows"] if not row["note"].endswith(RECORDED)]
+    if args.peer_results:
+        add_recorded_peers(table, args.peer_results)
+    table.write()
+    plot(table, os.path.join(args.out, "scaling.png"))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=os.path.join("results", "gpu_scaling"))
@@ -258,9 +296,16 @@ def main():
     parser.add_argument("--numpy-max-L", type=int, default=2048, help="longest L for the NumPy reference")
     parser.add_argument("--sdpa-max-L", type=int, default=32768)
     parser.add_argument("--peer-timeout", type=int, default=240)
-    parser.add_argument("--no-peers", action="store_true", help="skip the PyTorch peers")
+    parser.add_argument("--no-peers", action="store_true", help="do not time the PyTorch peers")
+    parser.add_argument("--peer-results", help="bench/gpu_check.py's results.json: add the peers it timed "
+                        "(in the same run) to the table and the plot")
+    parser.add_argument("--replot", action="store_true", help="measure nothing: redraw the table and the "
+                        "plot from --out's scaling.json (with --peer-results' peers added)")
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args()
+    if args.replot:
+        replot(args)
+        return
     if args.smoke:
         gpu_check.QUICK = True
         from minilm.kernels.cuda import linear_attention as la
