@@ -14,9 +14,10 @@
 #                               linear-attention tile kernels, each with its warps' stall reasons,
 #                               pipe utilization, memory tables (shared-memory wavefronts, bank
 #                               conflicts, L1 sectors per request) and costliest instructions
-# and prints the end of gpu_check's log (its summary table). Results and logs land in OUT_DIR
-# (9 files, 13 with the profiles). SMOKE=1 runs the check and the scaling on tiny shapes (with
-# NUMBA_ENABLE_CUDASIM=1, without a GPU; the probe cannot run under the simulator).
+# and prints the end of gpu_check's log (its summary table). The logs land in OUT_DIR as files, the
+# rest (gpu/ and scaling/: JSON, CSV, the plot; the raw profiles) in OUT_DIR/results.tar, added as each
+# step ends: a lease brings back at most 8 files. SMOKE=1 runs the check and the scaling on tiny
+# shapes (with NUMBA_ENABLE_CUDASIM=1, without a GPU; the probe cannot run under the simulator).
 set -uo pipefail
 out=${1:?usage: bash bench/gpu_run.sh OUT_DIR}
 smoke=()
@@ -32,6 +33,12 @@ else
 fi
 export PYTHONUNBUFFERED=1 NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS=0
 mkdir -p "$out"
+pack() {   # move finished results (paths relative to OUT_DIR) into OUT_DIR/results.tar
+    local path
+    for path in "$@"; do
+        [[ -e "$out/$path" ]] && tar -rf "$out/results.tar" -C "$out" "$path" && rm -rf "${out:?}/$path"
+    done
+}
 
 if [[ -z "${SMOKE:-}" ]]; then
     timeout 30 python3 bench/tensor_core_probe.py > "$out/tensor_core_probe.log" 2>&1
@@ -40,9 +47,12 @@ fi
 timeout $check_limit python3 bench/gpu_check.py "${smoke[@]}" --out "$out/gpu" --peers-timeout 140 --sweep-until 280 \
     > "$out/gpu_check.log" 2>&1
 echo "gpu_check: exit status $?"
+rm -f /tmp/gpu_check_results.json; cp "$out/gpu/results.json" /tmp/gpu_check_results.json 2>/dev/null   # its peers: into the scaling plot
+pack gpu
 timeout $scaling_limit python3 bench/gpu_scaling.py "${smoke[@]}" --out "$out/scaling" --no-peers --numpy-max-L 0 \
-    --cpu-max-L 4096 --peer-results "$out/gpu/results.json" > "$out/scaling.log" 2>&1
+    --cpu-max-L 4096 --peer-results /tmp/gpu_check_results.json > "$out/scaling.log" 2>&1
 echo "gpu_scaling: exit status $?"
+pack scaling
 ncu=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
 profile() {   # op, kernel-name regex, kernels per forward + backward call, time limit in seconds
     # skip the first call's kernels (they run while Numba compiles), profile the second call's;
@@ -55,6 +65,7 @@ profile() {   # op, kernel-name regex, kernels per forward + backward call, time
     echo "ncu ($1): exit status $?"
     "$ncu" --import "/tmp/ncu_$1.ncu-rep" --page details >> "$out/ncu_$1.log" 2>&1
     "$ncu" --import "/tmp/ncu_$1.ncu-rep" --page raw > "$out/ncu_$1_raw.log" 2>&1
+    pack "ncu_$1_raw.log"
 }
 if [[ -z "${SMOKE:-}" && -n "$ncu" ]]; then
     profile scan 'forward_kernel|backward_kernel' 2 $profile_limit
