@@ -3,9 +3,9 @@
 Nsight Compute attaches to the process and profiles the launches it is told to, for example the
 scan's second forward and backward (the first ones run while Numba compiles):
 
-    ncu --kernel-name regex:'forward_kernel|backward_kernel' --launch-skip 2 --launch-count 2 \\
-        --section SpeedOfLight --section WarpStateStats --section MemoryWorkloadAnalysis_Tables \\
-        -o /tmp/scan python3 bench/gpu_profile.py scan
+    ncu --clock-control none --kernel-name regex:'forward_kernel|backward_kernel' \\
+        --launch-skip 2 --launch-count 2 --section SpeedOfLight --section WarpStateStats \\
+        --section MemoryWorkloadAnalysis_Tables -o /tmp/scan python3 bench/gpu_profile.py scan
     ncu --import /tmp/scan.ncu-rep --page raw      # every metric collected, stall reasons included
 
 (bench/gpu_run.sh runs it with more sections, for both ops.)

@@ -55,10 +55,11 @@ echo "gpu_scaling: exit status $?"
 pack scaling
 ncu=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
 profile() {   # op, kernel-name regex, kernels per forward + backward call, time limit in seconds
-    # skip the first call's kernels (they run while Numba compiles), profile the second call's;
+    # skip the first call's kernels (they run while Numba compiles), profile the second call's, at
+    # the clocks the card runs at (ncu would lock them otherwise: the card's settings are not ours);
     # the report's details page goes to ncu_OP.log, every metric it holds (the stall reasons, the
     # pipes' utilization, ...) to ncu_OP_raw.log
-    timeout "$4" "$ncu" --kernel-name regex:"$2" --launch-skip "$3" --launch-count "$3" \
+    timeout "$4" "$ncu" --clock-control none --kernel-name regex:"$2" --launch-skip "$3" --launch-count "$3" \
         --section SpeedOfLight --section Occupancy --section SchedulerStats --section WarpStateStats \
         --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables --section SourceCounters \
         -f -o "/tmp/ncu_$1" python3 bench/gpu_profile.py "$1" > "$out/ncu_$1.log" 2>&1
