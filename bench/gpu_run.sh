@@ -15,8 +15,8 @@
 #                               pipe utilization, memory tables (shared-memory wavefronts, bank
 #                               conflicts, L1 sectors per request) and costliest instructions
 # and prints the end of gpu_check's log (its summary table). The logs land in OUT_DIR as files, the
-# rest (gpu/ and scaling/: JSON, CSV, the plot; the raw profiles) in OUT_DIR/results.tar, added as each
-# step ends: a lease brings back at most 8 files. SMOKE=1 runs the check and the scaling on tiny
+# rest (gpu/ and scaling/: JSON, CSV, the plot; the raw profiles) in OUT_DIR/results.tar, added as
+# each step ends: a lease brings back at most 8 files. SMOKE=1 runs the check and the scaling on tiny
 # shapes (with NUMBA_ENABLE_CUDASIM=1, without a GPU; the probe cannot run under the simulator).
 set -uo pipefail
 out=${1:?usage: bash bench/gpu_run.sh OUT_DIR}
@@ -44,10 +44,11 @@ if [[ -z "${SMOKE:-}" ]]; then
     timeout 30 python3 bench/tensor_core_probe.py > "$out/tensor_core_probe.log" 2>&1
     echo "tensor_core_probe: exit status $?"
 fi
-timeout $check_limit python3 bench/gpu_check.py "${smoke[@]}" --out "$out/gpu" --peers-timeout 140 --sweep-until 280 \
+timeout $check_limit python3 bench/gpu_check.py "${smoke[@]}" --out "$out/gpu" --peers-timeout 140 --sweep-until 265 \
     > "$out/gpu_check.log" 2>&1
 echo "gpu_check: exit status $?"
-rm -f /tmp/gpu_check_results.json; cp "$out/gpu/results.json" /tmp/gpu_check_results.json 2>/dev/null   # its peers: into the scaling plot
+rm -f /tmp/gpu_check_results.json     # gpu_check's peers go into the scaling plot
+cp "$out/gpu/results.json" /tmp/gpu_check_results.json 2>/dev/null
 pack gpu
 timeout $scaling_limit python3 bench/gpu_scaling.py "${smoke[@]}" --out "$out/scaling" --no-peers --numpy-max-L 0 \
     --cpu-max-L 4096 --peer-results /tmp/gpu_check_results.json > "$out/scaling.log" 2>&1
