@@ -54,6 +54,9 @@ def relative_error(actual, expected):
     (2, 1, 11, 4, 10, np.float64, 2, dict(feature_map="elu1", decay="head")),
     (1, 1, 9, 8, 8, np.float32, 3, dict(feature_map="relu", state=True)),
     (2, 2, 8, 5, 3, np.float32, 4, dict(decay="step")),
+    # more chunks than the chunk scan loads at once (SCAN_UNROLL): 19 = 8 + 8 + 3, and 10 = 8 + 2
+    (1, 1, 152, 4, 3, np.float64, 5, dict(decay="step", state=True)),
+    (1, 2, 75, 3, 4, np.float32, 6, {}),
 ])
 def test_matches_reference(B, H, T, Dk, Dv, dtype, seed, options):
     options = dict(options)
