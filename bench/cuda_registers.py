@@ -156,6 +156,12 @@ def la_signatures():
             "dv": (a4, a4, a4, a3, a4, a4, i, i, i, i, i, f)}
 
 
+def la_scan_signature():
+    from numba import float32, int64, types
+    a3, a4 = types.Array(float32, 3, "C"), types.Array(float32, 4, "C")
+    return (a4, a3, a3, a3, int64, int64, int64)
+
+
 def rows_for_scan(cc, ptxas, N=16):
     from minilm.kernels.cuda import selective_scan as scan
     forward_sig, backward_sig = scan_signatures()
@@ -192,6 +198,10 @@ def rows_for_linear_attention(cc, ptxas):
             rows.append(dict(kernel=f"linear attention {name}", config=config,
                              threads=kernels["threads"], launch_bounds=str(bounds) if bounds else "-",
                              **compile_resources(kernels[name], signature, cc, ptxas, bounds)))
+    # the chunk scan: one thread per state entry, the same kernel in every configuration above
+    rows.append(dict(kernel="linear attention chunk scan", config=f"unroll={la.SCAN_UNROLL}",
+                     threads=la.SCAN_THREADS, launch_bounds="-",
+                     **compile_resources(kernels["scan"], la_scan_signature(), cc, ptxas)))
     return rows
 
 
