@@ -18,8 +18,9 @@ written after every section (results.json, timings.csv, summary.csv in --out):
   2. timings with CUDA events, median of repeats after a warm-up, at the target shapes
      (selective scan B=4 D=1536 N=16 L=1K/4K; linear attention B=2 H=16 d=64 L=1K/4K/16K);
      (host_ms: the time the host spends inside the call; the rest of ms is the GPU's);
-  3. the same with PyTorch tensors in and out (checked against the Numba-array path): outputs then
-     come from PyTorch's caching allocator, as for the peers;
+  3. the same with PyTorch tensors in and out, as for the peers (outputs then come from PyTorch's
+     caching allocator); with them and with CuPy arrays (where CuPy imports), both ops' forward and
+     backward checked against the Numba-array path: results of the caller's kind, inputs not copied;
   4. minilm's memory pool (minilm.kernels.cuda.use_memory_pool, on by default): its bookkeeping on
      the device, pooled results against unpooled ones, timings without it;
   5. where the host time of a call goes (cProfile, the costliest functions per call);
@@ -445,6 +446,58 @@ def section_timings(results, smoke):
                   forward_fields=lambda ms: {"TFLOPs": flops / (ms / 1e3) / 1e12})
 
 
+def check_arrays_in_and_out(results, library, convert, is_theirs, to_host, address, smoke):
+    """The scan and linear attention, forward and backward, called with another library's device
+    arrays (convert: NumPy array -> one of them): the results must come back as that library's
+    arrays (is_theirs), match the Numba-array path, and the inputs must be used where they lie, not
+    copied (address: an array's device pointer; the caches keep Numba views of the inputs)."""
+    from numba import cuda
+    from minilm.kernels.cuda import linear_attention as la
+    from minilm.kernels.cuda import selective_scan as scan
+
+    def compare(op, shape, run, input_name, started):
+        """run(to_device) -> (the first input as given, the cache's view of it, {name: result})."""
+        given, cached, theirs = run(convert)
+        _, _, ours = run(cuda.to_device)
+        kinds_ok = all(is_theirs(x) for x in theirs.values())
+        errors = {name: relative_error(to_host(theirs[name]), ours[name].copy_to_host()) if kinds_ok
+                  else float("inf") for name in theirs}
+        in_place = device_pointer(cached) == address(given)
+        errors[f"{input_name} in place"] = 0.0 if in_place else float("inf")
+        _record_check(results, f"{op} {library} in/out", shape, "float32", "numba arrays", errors, 1e-5,
+                      time.time() - started)
+
+    started = time.time()
+    B, T, D, N = (1, 64, 16, 4) if smoke else (4, 4096, 1536, 16)
+    arrays, options, dout = scan_inputs(B, T, D, N, np.float32, 24)
+    options = {key: value for key, value in options.items() if key != "initial_state"}
+
+    def run_scan(to_device):
+        inputs = [to_device(x) for x in arrays.values()]
+        out, cache = scan.forward(*inputs, **{k: to_device(v) if isinstance(v, np.ndarray) else v
+                                              for k, v in options.items()})
+        grads = scan.backward(to_device(dout), cache)
+        return inputs[0], cache["u"], {"out": out, **{name: g for name, g in zip(SCAN_GRADS, grads) if g is not None}}
+
+    compare("selective_scan", f"B={B} T={T} D={D} N={N}", run_scan, "u", started)
+
+    started = time.time()
+    B, H, T, d = (1, 2, 64, 8) if smoke else (2, 16, 16384, 64)
+    (q, k, v), _, do = la_inputs(B, H, T, d, d, np.float32, 25)
+
+    def run_la(to_device):
+        q_dev = to_device(q)
+        out, cache = la.forward(q_dev, to_device(k), to_device(v))
+        return q_dev, cache["q"], dict(zip(("out", "dq", "dk", "dv"), [out, *la.backward(to_device(do), cache)]))
+
+    compare("linear_attention", f"B={B} H={H} T={T} d={d}", run_la, "q", started)
+
+
+def device_pointer(array):
+    """The device address of a Numba device array's data."""
+    return array.__cuda_array_interface__["data"][0]
+
+
 def section_torch(results, smoke):
     """PyTorch tensors in and out, as a training loop would call the kernels: results must match the
     Numba-array path (outputs then come from PyTorch's caching allocator), and the timings show what
@@ -456,29 +509,14 @@ def section_torch(results, smoke):
     except ImportError as error:
         log(f"(torch section skipped: {error})")
         return
-    from numba import cuda
     from minilm.kernels.cuda import linear_attention as la
     from minilm.kernels.cuda import selective_scan as scan
-    started = time.time()
+    check_arrays_in_and_out(results, "torch", lambda x: torch.as_tensor(x, device="cuda"),
+                            lambda x: isinstance(x, torch.Tensor), lambda x: x.cpu().numpy(),
+                            lambda x: x.data_ptr(), smoke)
     B, T, D, N = (1, 64, 16, 4) if smoke else (4, 4096, 1536, 16)
     shape = f"B={B} T={T} D={D} N={N}"
     arrays, options, dout = scan_inputs(B, T, D, N, np.float32, 24)
-    options = {key: value for key, value in options.items() if key != "initial_state"}
-
-    def run_scan(convert):
-        out, cache = scan.forward(*(convert(x) for x in arrays.values()),
-                                  **{k: convert(v) if isinstance(v, np.ndarray) else v for k, v in options.items()})
-        return out, cache, scan.backward(convert(dout), cache)
-
-    out_t, _, grads_t = run_scan(lambda x: torch.as_tensor(x, device="cuda"))
-    out_n, _, grads_n = run_scan(cuda.to_device)
-    kinds_ok = isinstance(out_t, torch.Tensor) and all(isinstance(g, torch.Tensor) for g in grads_t if g is not None)
-    errors = {"out": relative_error(out_t.cpu().numpy(), out_n.copy_to_host()) if kinds_ok else float("inf")}
-    for label, g_t, g_n in zip(SCAN_GRADS, grads_t, grads_n):
-        if g_t is not None:
-            errors[label] = relative_error(g_t.cpu().numpy(), g_n.copy_to_host()) if kinds_ok else float("inf")
-    _record_check(results, "selective_scan torch in/out", shape, "float32", "numba arrays", errors, 1e-5,
-                  time.time() - started)
     plain_arrays, plain = (
         {key: torch.as_tensor(value, device="cuda") for key, value in part.items()}
         for part in peer_workload(arrays, options))
@@ -492,6 +530,18 @@ def section_torch(results, smoke):
     q, k, v, do = (torch.as_tensor(x, device="cuda") for x in (q, k, v, do))
     time_pair(results, "linear_attn", f"B={B} H={H} T={T} d={d}", T, lambda: la.forward(q, k, v),
               lambda cache: la.backward(do, cache), " (torch in/out)")
+
+
+def section_cupy(results, smoke):
+    """CuPy arrays in and out: the same checks as PyTorch's (check_arrays_in_and_out), no timings."""
+    try:
+        import cupy
+        cupy.cuda.runtime.getDeviceCount()
+    except Exception as error:      # not installed, or no device (the simulator)
+        log(f"(cupy section skipped: {error!r})")
+        return
+    check_arrays_in_and_out(results, "cupy", cupy.asarray, lambda x: isinstance(x, cupy.ndarray), cupy.asnumpy,
+                            lambda x: x.data.ptr, smoke)
 
 
 @contextlib.contextmanager
@@ -1001,7 +1051,7 @@ def main():
                         help="block-shape sweeps to run, comma-separated: scan, la (default: scan,la; none: neither)")
     parser.add_argument("--no-peers", action="store_true", help="skip running .whl/peers.py")
     parser.add_argument("--skip", default="",
-                        help="sections to leave out, comma-separated: correctness, torch, pool, host "
+                        help="sections to leave out, comma-separated: correctness, torch, cupy, pool, host "
                              "(for a short run that only compares block shapes)")
     parser.add_argument("--peers-timeout", type=int, default=150)
     parser.add_argument("--sweep-until", type=int, default=420,
@@ -1028,6 +1078,8 @@ def main():
     results.section("timings", section_timings, args.smoke)
     if "torch" not in skip:
         results.section("torch tensors in and out", section_torch, args.smoke)
+    if "cupy" not in skip:
+        results.section("cupy arrays in and out", section_cupy, args.smoke)
     if "pool" not in skip:
         results.section("memory pool", section_memory_pool, args.smoke)
     if "host" not in skip:
