@@ -6,6 +6,8 @@ the segment scan), channels and states that do not fill a block, states in sever
 Forward output, final state and all eight gradients are compared on fresh random inputs,
 scale-aware: max|cuda - ref| / max|ref| <= 1e-5 in float32 and 1e-10 in float64.
 """
+from collections import Counter
+
 import numpy as np
 import pytest
 
@@ -338,6 +340,27 @@ def test_warp_sums_fit_only_whole_aligned_lane_groups():
     assert not cuda_scan._warp_sums_fit(64, 1, 2, 64)       # channel lanes wider than a warp
     assert not cuda_scan._warp_sums_fit(16, 8, 2, 256)      # state threads over four warps: four slots
     assert not cuda_scan._warp_sums_fit(8, 8, 3, 512)       # 6 dB, dC terms per thread: not halved evenly
+
+
+def test_fold_rows_spread_a_warps_stores_over_the_banks():
+    """The backward's rows of segment aggregates (_fold_rows), at the default block shape (8 channels,
+    8 state threads of 2 states): each (state thread, state) gets a row of its own inside the buffer,
+    and a warp's store of one state per thread (4 state threads × 8 channels, row-major 8-word rows)
+    takes each of the 32 banks once, where rows without the spare ones would take half of them twice."""
+    config = cuda_scan.CONFIGS["float32"]
+    DG, NT, NPT = config.channels, config.state_threads, config.states_per_thread
+    rows = [cuda_scan._fold_rows(nt, NPT) + j for nt in range(NT) for j in range(NPT)]
+    assert len(set(rows)) == NT * NPT and max(rows) < cuda_scan._fold_rows(NT - 1, NPT) + NPT
+
+    def busiest_bank(first_row, warp, j):
+        """Words in the busiest bank when the warp's threads store state j at first_row(nt) + j."""
+        words = {(first_row(nt) + j) * DG + lane for nt in range(warp, warp + 32 // DG) for lane in range(DG)}
+        return max(Counter(word % 32 for word in words).values())
+
+    for warp in range(0, NT, 32 // DG):
+        for j in range(NPT):
+            assert busiest_bank(lambda nt: cuda_scan._fold_rows(nt, NPT), warp, j) == 1
+            assert busiest_bank(lambda nt: nt * NPT, warp, j) == 2
 
 
 def test_device_arrays_in_device_arrays_out(blocks):

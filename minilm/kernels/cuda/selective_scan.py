@@ -245,6 +245,18 @@ def _staged_rows(chunk, channels, states, threads):
     return _rows_per_thread(chunk * channels, threads) + _state_rows(chunk, states, threads)
 
 
+def _fold_rows(nt, states_per_thread):
+    """The first row that state thread nt's states take in the backward's buffers of segment
+    aggregates, (S, rows, DG): nt · states_per_thread, plus one spare row after every 4 state
+    threads, offset by 2. With 8 channels a row is 8 words, so rows 4 apart share their banks; a
+    warp's 4 state threads (2 states each) would store and fold rows j, 2 + j, 4 + j, 6 + j, two to
+    a bank, and with the spare rows they take four bank groups (rows j, 2 + j, 5 + j, 7 + j)."""
+    return nt * states_per_thread + (nt + 2) // 4
+
+
+_fold_rows_device = cuda.jit(device=True)(_fold_rows) if cuda is not None else None
+
+
 def _numba_type(dtype):
     import numba
     return numba.float32 if np.dtype(dtype) == np.float32 else numba.float64
@@ -604,16 +616,16 @@ if cuda is not None:
                 s_C[row, column] = staged[first_row + r, 1]
 
     @cuda.jit(device=True)
-    def _fold_segments(s_a, s_h, prod, h, entering, seg, col0, lane, NPT, S, reverse):
+    def _fold_segments(s_a, s_h, prod, h, entering, seg, row0, lane, NPT, S, reverse):
         """Scan of the segments' aggregates (Π a, h) with ∘ across the block.
 
-        Every thread has stored its segment's aggregate (prod, h) (NPT,) in s_a[seg], s_h[seg], and
-        a barrier has passed. Each segment folds the h parts of the segments before it in order,
-        state ← a_p state + h_p (when reverse: of the segments after it, from the last one back: the
-        adjoint runs backwards in time). The first segment's aggregate already holds the state
-        carried into the chunk, so the fold is the state entering the segment: it goes into entering
-        (NPT,), for every segment but the first, and h becomes the state leaving the segment,
-        prod · entering + h.
+        Every thread has stored its segment's aggregate (prod, h) (NPT,) in s_a[seg], s_h[seg] (rows
+        row0, row0 + 1, ...: _fold_rows), and a barrier has passed. Each segment folds the h parts
+        of the segments before it in order, state ← a_p state + h_p (when reverse: of the segments
+        after it, from the last one back: the adjoint runs backwards in time). The first segment's
+        aggregate already holds the state carried into the chunk, so the fold is the state entering
+        the segment: it goes into entering (NPT,), for every segment but the first, and h becomes
+        the state leaving the segment, prod · entering + h.
 
         The fold takes the last segment S - 2 dependent steps. For the 4 or 8 segments of a chunk
         that beats a Hillis-Steele scan, whose log2(S) rounds take a barrier each and two buffers
@@ -623,12 +635,13 @@ if cuda is not None:
         first = _u32(S - 1) if reverse else _u32(0)
         if seg != first:
             for j in range(NPT):
-                entering[j] = s_h[first, col0 + _u32(j), lane]
+                entering[j] = s_h[first, row0 + _u32(j), lane]
             for i in range(1, S - 1):      # a fixed trip count: unrolled, each step behind a guard
                 p = _u32(S - 1 - i) if reverse else _u32(i)
                 if (p > seg) if reverse else (p < seg):
                     for j in range(NPT):
-                        entering[j] = s_a[p, col0 + _u32(j), lane] * entering[j] + s_h[p, col0 + _u32(j), lane]
+                        row = row0 + _u32(j)
+                        entering[j] = s_a[p, row, lane] * entering[j] + s_h[p, row, lane]
             for j in range(NPT):
                 h[j] = prod[j] * entering[j] + h[j]
 
@@ -726,6 +739,8 @@ def _backward_kernel(dtype, config, N):
 def _make_backward_kernel(real, DG, NT, NPT, S, K, N_ROW, min_blocks, WARP_SUMS=False):
     NP = NT * NPT
     CH = S * K
+    CH_PADDED = CH + 1                                # rows of s_dBC (see there)
+    FOLD_ROWS = _fold_rows(NT - 1, NPT) + NPT         # rows of the segment-aggregate buffers
     THREADS = DG * NT * S
     STAGED = _staged_rows(CH, DG, NP, THREADS)
     exp2 = exp2_for(real)
@@ -749,6 +764,7 @@ def _make_backward_kernel(real, DG, NT, NPT, S, K, N_ROW, min_blocks, WARP_SUMS=
         leader = nt % NT_IN_WARP == 0       # stores its warp's sums (WARP_SUMS)
         row0 = _u32(seg * K)
         col0 = _u32(nt * NPT)
+        fold_row0 = _u32(_fold_rows_device(nt, NPT))   # this thread's first row in s_scan_a, _h, _g
         T = u.shape[1]
         channels = u.shape[2]
         N = A.shape[1]
@@ -764,12 +780,14 @@ def _make_backward_kernel(real, DG, NT, NPT, S, K, N_ROW, min_blocks, WARP_SUMS=
         s_dy = cuda.shared.array((CH, DG), real)       # dL/dy = dout · SiLU(z)
         s_B = cuda.shared.array((CH, NP), real)
         s_C = cuda.shared.array((CH, NP), real)
-        s_scan_a = cuda.shared.array((S, NP, DG), real)
-        s_scan_h = cuda.shared.array((S, NP, DG), real)
+        s_scan_a = cuda.shared.array((S, FOLD_ROWS, DG), real)     # rows: _fold_rows
+        s_scan_h = cuda.shared.array((S, FOLD_ROWS, DG), real)
         # adjoint aggregates; segment 0's slot then keeps a_t g_t of the chunk's first step (the
         # reverse fold never reads it) for the chunk before, that is, the next one walked
-        s_scan_g = cuda.shared.array((S, NP, DG), real)
-        s_dBC = cuda.shared.array((2, CH, NP), real)    # dB, dC: Σ over the block's channels, then atomics
+        s_scan_g = cuda.shared.array((S, FOLD_ROWS, DG), real)
+        # dB, dC: Σ over the block's channels, then atomics. One row of padding between the two: a
+        # warp stores a step's dB and dC together, and CH × NP words apart they would share banks
+        s_dBC = cuda.shared.array((2, CH_PADDED, NP), real)
         # sums over the states, per warp (WARP_SUMS) or by atomics into slot 0; the epilogue adds the slots
         # [0] Σ_n g B (→ du, dΔ), [1] Σ_n g A a h_{t-1} (→ dΔ), [2] Σ_n C h (→ dz)
         s_sums = cuda.shared.array((3, SLOTS, CH, DG), real)
@@ -822,7 +840,7 @@ def _make_backward_kernel(real, DG, NT, NPT, S, K, N_ROW, min_blocks, WARP_SUMS=
                     if seg == 0:
                         h_start[j] = carries[batch, chunk, d, n] if (d_ok and n < N) else zero
                     if seg == S - 1:      # no gradient flows out of the final state
-                        later[j] = s_scan_g[0, col0 + _u32(j), lane] if chunk_back > 0 else zero
+                        later[j] = s_scan_g[0, fold_row0 + _u32(j), lane] if chunk_back > 0 else zero
                 cuda.syncthreads()
 
                 # Local scans of this segment: of the states forward from h = 0, and of the adjoint
@@ -857,15 +875,16 @@ def _make_backward_kernel(real, DG, NT, NPT, S, K, N_ROW, min_blocks, WARP_SUMS=
                         h[j] = prod[j] * h_start[j] + h[j]
                     if seg == S - 1:
                         adjoint[j] = prod[j] * later[j] + adjoint[j]
-                    s_scan_a[seg, col0 + _u32(j), lane] = prod[j]
-                    s_scan_h[seg, col0 + _u32(j), lane] = h[j]
-                    s_scan_g[seg, col0 + _u32(j), lane] = adjoint[j]
+                    row = fold_row0 + _u32(j)
+                    s_scan_a[seg, row, lane] = prod[j]
+                    s_scan_h[seg, row, lane] = h[j]
+                    s_scan_g[seg, row, lane] = adjoint[j]
                 cuda.syncthreads()
-                _fold_segments(s_scan_a, s_scan_h, prod, h, h_start, seg, col0, lane, NPT, S, False)
-                _fold_segments(s_scan_a, s_scan_g, prod, adjoint, later, seg, col0, lane, NPT, S, True)
+                _fold_segments(s_scan_a, s_scan_h, prod, h, h_start, seg, fold_row0, lane, NPT, S, False)
+                _fold_segments(s_scan_a, s_scan_g, prod, adjoint, later, seg, fold_row0, lane, NPT, S, True)
                 if seg == 0:      # a_t g_t of the chunk's first step, for the chunk before it
                     for j in range(NPT):
-                        s_scan_g[0, col0 + _u32(j), lane] = adjoint[j]
+                        s_scan_g[0, fold_row0 + _u32(j), lane] = adjoint[j]
 
                 # fix-up: the states from the segment's true starting state
                 for j in range(NPT):
