@@ -58,8 +58,8 @@ ncu=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*
 profile() {   # op, kernel-name regex, kernels per forward + backward call, time limit in seconds
     # skip the first call's kernels (they run while Numba compiles), profile the second call's, at
     # the clocks the card runs at (ncu would lock them otherwise: the card's settings are not ours);
-    # the report's details page goes to ncu_OP.log, every metric it holds (the stall reasons, the
-    # pipes' utilization, ...) to ncu_OP_raw.log
+    # the report's details page goes to ncu_OP.log, then bench/ncu_summary.py's digest of it, every
+    # metric it holds (the stall reasons, the pipes' utilization, ...) to ncu_OP_raw.log
     timeout "$4" "$ncu" --clock-control none --kernel-name regex:"$2" --launch-skip "$3" --launch-count "$3" \
         --section SpeedOfLight --section Occupancy --section SchedulerStats --section WarpStateStats \
         --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables --section SourceCounters \
@@ -67,6 +67,7 @@ profile() {   # op, kernel-name regex, kernels per forward + backward call, time
     echo "ncu ($1): exit status $?"
     "$ncu" --import "/tmp/ncu_$1.ncu-rep" --page details >> "$out/ncu_$1.log" 2>&1
     "$ncu" --import "/tmp/ncu_$1.ncu-rep" --page raw > "$out/ncu_$1_raw.log" 2>&1
+    python3 bench/ncu_summary.py "$out/ncu_$1_raw.log" >> "$out/ncu_$1.log" 2>&1   # what holds each kernel
     pack "ncu_$1_raw.log"
 }
 if [[ -z "${SMOKE:-}" && -n "$ncu" ]]; then
