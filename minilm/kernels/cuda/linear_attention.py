@@ -96,8 +96,8 @@ SCAN_THREADS = 256     # threads per block of the chunk scan and of the decay-gr
 # Chunks whose increments the chunk scan loads before folding them in: the loads in flight per thread.
 # The scan reads and writes 4 bytes per state entry and chunk, a warp-wide load per 32 entries: at
 # 8, a multiprocessor's ~31 warps (B=2 H=16 d=64) keep ~32 KB in flight, about what 4.2 TB/s over
-# 132 of them needs at ~0.8 µs of latency. With 4 it took 0.10-0.20 ms at L=16K on an H200 (fourth
-# to sixth runs; 0.10 ms is 64 % of copy bandwidth); 8 is untimed.
+# 132 of them needs at ~0.8 µs of latency. On an H200 at L=16K: 0.098 ms with 8 (eighth run, 66 % of
+# copy bandwidth), 0.10-0.20 ms with 4 (fourth to sixth runs).
 SCAN_UNROLL = 8
 
 

@@ -247,10 +247,11 @@ def _staged_rows(chunk, channels, states, threads):
 
 def _fold_rows(nt, states_per_thread):
     """The first row that state thread nt's states take in the backward's buffers of segment
-    aggregates, (S, rows, DG): nt · states_per_thread, plus one spare row after every 4 state
-    threads, offset by 2. With 8 channels a row is 8 words, so rows 4 apart share their banks; a
-    warp's 4 state threads (2 states each) would store and fold rows j, 2 + j, 4 + j, 6 + j, two to
-    a bank, and with the spare rows they take four bank groups (rows j, 2 + j, 5 + j, 7 + j)."""
+    aggregates, (S, rows, DG): nt · states_per_thread, plus a spare row after state threads 1, 5,
+    9, ... With 8 channels a row is 8 words, so rows 4 apart share their banks; a warp's 4 state
+    threads (2 states each) would store and fold rows j, 2 + j, 4 + j, 6 + j, two to a bank, and
+    with the spare rows they take four bank groups (rows j, 2 + j, 5 + j, 7 + j). On an H200 the
+    backward's bank conflicts fell from 20 M to 0.8 M (docs/kernels.md, ninth run)."""
     return nt * states_per_thread + (nt + 2) // 4
 
 
